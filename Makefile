@@ -1,0 +1,33 @@
+# raydir developer entry points. Each target creates .venv when missing and installs the
+# pinned versions from constraints.txt (tested together on Python 3.11, CPU torch).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.raydir-installed
+EXTRAS ?= dev,text,vision
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The whole suite: unit tests, Ray Data / Ray Train / MLflow integration tests.
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit tests only (no Ray, no servers): seconds, for the edit-test loop.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not ray and not slow and not cluster" $(PYTEST_ARGS)
+
+# Vanilla vs LDS+FDS on synthetic data, 2 Ray Train workers, local Ray, SQLite MLflow.
+demo: $(STAMP)
+	$(PY) -m raydir.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .raydir_cache

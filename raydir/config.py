@@ -1,0 +1,427 @@
+"""Typed, validated configuration: YAML in, flat dict out (for Tune and MLflow).
+
+Every section is a dataclass whose fields carry their default and a one-line comment.
+``Config.from_dict`` rejects unknown keys with the list of valid ones; ``--set a.b=value``
+overrides use the same dotted names as ``Config.to_flat_dict``. Validation runs before any
+Ray or MLflow work starts, so a typo costs a second, not a cluster allocation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+SOURCES = ("synthetic", "sts-b-dir", "agedb-dir", "imdb-wiki-dir", "table")
+
+
+@dataclass
+class SyntheticConfig:
+    distribution: str = "age"        # train label shape: age (skewed) | long_tail | bimodal
+    n_train: int = 6000              # training rows
+    num_features: int = 16           # raw feature columns x0..x{d-1}
+    noise: float = 0.3               # feature noise std (features are non-linear in the target)
+    per_bin_eval: int = 30           # val / test rows per bin (balanced, capped like AgeDB-DIR)
+    low: float = 0.0                 # smallest target value
+    high: float = 100.0              # largest target value
+    carve: list = field(default_factory=list)  # [[lo, hi], ...] target ranges emptied in train only
+
+
+@dataclass
+class TableConfig:
+    target: str = "target"           # target column
+    features: list = field(default_factory=list)  # feature columns; empty = every other numeric column
+    categorical: str = "error"       # non-numeric feature columns: error | onehot
+    split_column: str = ""           # column holding train/val/test; empty = build a balanced split
+    per_bin_eval: int = 10           # rows per bin for each of val and test when building the split
+    format: str = "auto"             # auto | parquet | csv
+
+
+@dataclass
+class TextConfig:
+    encoder: str = "minilm"          # minilm (frozen sentence embeddings) | glove (BiLSTM on word vectors)
+    batch_size: int = 64             # sentences per embedding batch
+    num_actors: int = 1              # encoder actors in the Ray Data pool
+    max_tokens: int = 64             # glove: tokens kept per sentence
+    actor_cpus: float = 1.0          # CPUs per encoder actor (also its torch thread count)
+    actor_gpus: float = 0.0          # GPUs per encoder actor (0 = CPU; e.g. 0.25 shares a GPU)
+
+
+@dataclass
+class ImageConfig:
+    root: str = ""                   # directory the CSV's image paths are relative to
+    size: int = 64                   # images are resized to size x size (AgeDB-DIR uses 224)
+    crop_padding: int = 8            # random-crop padding for training augmentation
+    bad_images: str = "error"        # unreadable image: error | skip (counted and reported)
+    csv: str = ""                    # label file (age,path,split) in data.path; empty = agedb.csv / imdb_wiki.csv
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"        # synthetic | sts-b-dir | agedb-dir | imdb-wiki-dir | table
+    path: str = ""                   # directory (sts-b-dir, agedb-dir, ...) or file / URI (table)
+    cache_dir: str = ".raydir_cache"  # prepared Parquet shards, keyed by a hash of this section
+    nan_policy: str = "error"        # NaN / inf targets: error | drop (count is logged)
+    seed: int = 0                    # data generation / split seed
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    table: TableConfig = field(default_factory=TableConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+
+
+@dataclass
+class BinsConfig:
+    kind: str = "auto"               # auto (the source's official bins) | uniform | integer
+    start: float = 0.0               # lowest edge (uniform) / lowest integer bin (integer)
+    stop: float = 100.0              # top edge (uniform) / one past the highest integer bin
+    num_bins: int = 100              # uniform only
+    merge_below: bool = False        # integer: values below start share the first bin
+    out_of_range: str = "clip"       # clip into the edge bins | error
+
+
+@dataclass
+class ShotsConfig:
+    many_threshold: int = 100        # many-shot: more than this many training rows in the bin
+    few_threshold: int = 20          # few-shot: fewer than this many
+    many: list = field(default_factory=list)    # explicit bin lists override the thresholds
+    medium: list = field(default_factory=list)  # (sts-b-dir uses its official lists under auto)
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "auto"               # auto | mlp | text_pair | bilstm | resnet
+    hidden: list = field(default_factory=lambda: [128, 128])  # encoder hidden sizes (mlp, text_pair)
+    feature_dim: int = 64            # encoder output = FDS feature dimension
+    dropout: float = 0.0             # dropout inside the encoder
+    lstm_hidden: int = 128           # bilstm hidden size per direction (paper: 1500)
+    resnet_width: int = 32           # resnet base channel count
+    resnet_blocks: list = field(default_factory=lambda: [2, 2, 2, 2])  # residual blocks per stage
+
+
+@dataclass
+class LossConfig:
+    name: str = "l1"                 # mse | l1 | huber | focal_l1 | focal_mse
+    huber_beta: float = 1.0          # huber transition point
+    focal_activate: str = "sigmoid"  # focal-R activation: sigmoid | tanh
+    focal_beta: float = 0.2          # focal-R beta (0.2 ages; 4 on raw STS-B scores)
+    focal_gamma: float = 1.0         # focal-R gamma
+
+
+@dataclass
+class ReweightConfig:
+    scheme: str = "none"             # none | inverse | sqrt_inv
+    lds: bool = False                # smooth the label density before inverting
+    kernel: str = "gaussian"         # gaussian | triang | laplace
+    ks: int = 5                      # odd window size
+    sigma: float = 2.0               # gaussian / laplace width
+    clip_min: float = 0.0            # inverse: clip counts below (AgeDB-DIR: 5); 0 = no clip
+    clip_max: float = 0.0            # inverse: clip counts above (AgeDB-DIR: 1000); 0 = no clip
+
+
+@dataclass
+class FDSConfig:
+    enabled: bool = False            # feature distribution smoothing between encoder and head
+    kernel: str = "gaussian"         # gaussian | triang | laplace
+    ks: int = 5                      # odd window size
+    sigma: float = 2.0               # gaussian / laplace width
+    momentum: float = 0.9            # EMA of per-bin statistics across epochs
+    start_update: int = 0            # first epoch whose features update the statistics
+    start_smooth: int = 1            # first epoch whose features are calibrated
+    clamp_min: float = 0.1           # variance-ratio clamp (STS-B: 0.5)
+    clamp_max: float = 10.0          # (STS-B: 2)
+    covariance: str = "diag"         # diag (reference code) | full (paper formula)
+    gather: str = "inflight"         # inflight (from the epoch's forward passes) | extra_pass
+
+
+@dataclass
+class RRTConfig:
+    enabled: bool = False            # stage two: re-train only the regressor
+    epochs: int = 5                  # stage-two epochs
+    lr: float = 1e-3                 # stage-two learning rate
+    scheme: str = "inverse"          # stage-two reweighting: inverse | sqrt_inv
+    lds: bool = True                 # stage-two LDS (kernel settings from the reweight section)
+
+
+@dataclass
+class ResampleConfig:
+    method: str = "none"             # none | smoter | smogn
+    k: int = 5                       # nearest neighbours within a region
+    threshold: float = 0.5           # relevance at or above this is rare
+    strategy: str = "balance"        # balance | extreme
+    pert: float = 0.02               # smogn: noise scale as a fraction of each feature's std
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2             # Ray Train workers (DDP processes)
+    use_gpu: bool = False            # one GPU per worker (nccl) instead of CPU (gloo)
+    cpus_per_worker: float = 1.0     # CPU reservation per worker
+    epochs: int = 10                 # stage-one epochs
+    batch_size: int = 128            # per-worker batch size
+    eval_batch_size: int = 512       # per-worker evaluation batch size
+    optimizer: str = "adam"          # adam | sgd
+    lr: float = 1e-3                 # learning rate
+    weight_decay: float = 0.0        # L2 penalty
+    sgd_momentum: float = 0.9        # sgd only
+    schedule: str = "none"           # none | cosine | step
+    step_epochs: list = field(default_factory=lambda: [60, 80])  # step schedule milestones (x0.1)
+    grad_clip: float = 0.0           # max gradient norm; 0 = off
+    select_metric: str = "mae"       # best checkpoint by val: mae | mse | few_mae
+    max_failures: int = 2            # worker failures tolerated (resume from last checkpoint)
+    storage_path: str = ""           # checkpoints / results; empty = ~/ray_results
+    seed: int = 0                    # model init, shuffling, augmentation
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""                    # MLflow tracking URI; empty = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    experiment: str = "raydir"       # MLflow experiment name
+    run_name: str = ""               # MLflow run name; empty = generated
+    register_name: str = ""          # registered model name; empty = do not register
+    log_model: bool = True           # log the trained model (raw inputs in, target units out)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    bins: BinsConfig = field(default_factory=BinsConfig)
+    shots: ShotsConfig = field(default_factory=ShotsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
+    fds: FDSConfig = field(default_factory=FDSConfig)
+    rrt: RRTConfig = field(default_factory=RRTConfig)
+    resample: ResampleConfig = field(default_factory=ResampleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Config":
+        cfg = _build(cls, d or {}, prefix="")
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file '{path}' does not exist.")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file '{path}' should hold a mapping of sections; got {type(raw).__name__}.")
+        for item in overrides or []:
+            apply_override(raw, item)
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """``{"fds.ks": 5, "data.synthetic.n_train": 6000, ...}`` for MLflow params and Tune."""
+        out: dict[str, Any] = {}
+
+        def walk(obj: Any, prefix: str) -> None:
+            for f in dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                key = f"{prefix}{f.name}"
+                if dataclasses.is_dataclass(value):
+                    walk(value, key + ".")
+                else:
+                    out[key] = value
+
+        walk(self, "")
+        return out
+
+    def with_overrides(self, flat: dict[str, Any]) -> "Config":
+        """A validated copy with dotted-key values replaced (Tune trials use this)."""
+        raw = self.to_dict()
+        for key, value in flat.items():
+            _set_dotted(raw, key, value)
+        return Config.from_dict(raw)
+
+    # -- validation -----------------------------------------------------------------------
+    def validate(self) -> None:
+        _choice("data.source", self.data.source, SOURCES)
+        _choice("data.nan_policy", self.data.nan_policy, ("error", "drop"))
+        _choice("data.synthetic.distribution", self.data.synthetic.distribution, ("age", "long_tail", "bimodal"))
+        _positive("data.synthetic.n_train", self.data.synthetic.n_train)
+        _positive("data.synthetic.num_features", self.data.synthetic.num_features)
+        _positive("data.synthetic.per_bin_eval", self.data.synthetic.per_bin_eval)
+        if not self.data.synthetic.high > self.data.synthetic.low:
+            raise ValueError(
+                f"'data.synthetic.high' ({self.data.synthetic.high}) should be greater than "
+                f"'data.synthetic.low' ({self.data.synthetic.low})."
+            )
+        for i, rng in enumerate(self.data.synthetic.carve):
+            if not (isinstance(rng, (list, tuple)) and len(rng) == 2 and rng[0] < rng[1]):
+                raise ValueError(
+                    f"'data.synthetic.carve[{i}]' should be a [low, high] pair with low < high; got {rng!r}."
+                )
+        _choice("data.table.categorical", self.data.table.categorical, ("error", "onehot"))
+        _choice("data.table.format", self.data.table.format, ("auto", "parquet", "csv"))
+        _choice("data.text.encoder", self.data.text.encoder, ("minilm", "glove"))
+        for key in ("batch_size", "num_actors", "max_tokens", "actor_cpus"):
+            _positive(f"data.text.{key}", getattr(self.data.text, key))
+        if self.data.text.actor_gpus < 0:
+            raise ValueError(f"'data.text.actor_gpus' should be >= 0 (0 = CPU); got {self.data.text.actor_gpus}.")
+        _choice("data.image.bad_images", self.data.image.bad_images, ("error", "skip"))
+        _positive("data.image.size", self.data.image.size)
+        if self.data.image.crop_padding < 0:
+            raise ValueError(f"'data.image.crop_padding' should be >= 0 (0 = no random crop); got {self.data.image.crop_padding}.")
+        if self.data.source in ("sts-b-dir", "agedb-dir", "imdb-wiki-dir", "table") and not self.data.path:
+            raise ValueError(
+                f"'data.path' is required for data.source={self.data.source!r}: the directory "
+                f"(or, for table, the file / URI) to read from."
+            )
+        _choice("bins.kind", self.bins.kind, ("auto", "uniform", "integer"))
+        _choice("bins.out_of_range", self.bins.out_of_range, ("clip", "error"))
+        if self.bins.kind != "auto" and not self.bins.stop > self.bins.start:
+            raise ValueError(f"'bins.stop' ({self.bins.stop}) should be greater than 'bins.start' ({self.bins.start}).")
+        _positive("bins.num_bins", self.bins.num_bins)
+        if self.shots.few_threshold > self.shots.many_threshold:
+            raise ValueError(
+                f"'shots.few_threshold' ({self.shots.few_threshold}) should not exceed "
+                f"'shots.many_threshold' ({self.shots.many_threshold})."
+            )
+        _choice("model.kind", self.model.kind, ("auto", "mlp", "text_pair", "bilstm", "resnet"))
+        _positive("model.feature_dim", self.model.feature_dim)
+        if not 0.0 <= self.model.dropout < 1.0:
+            raise ValueError(f"'model.dropout' should be in [0, 1); got {self.model.dropout}.")
+        _choice("loss.name", self.loss.name, ("mse", "l1", "huber", "focal_l1", "focal_mse"))
+        _choice("loss.focal_activate", self.loss.focal_activate, ("sigmoid", "tanh"))
+        _positive("loss.focal_beta", self.loss.focal_beta)
+        if self.loss.focal_gamma < 0:
+            raise ValueError(f"'loss.focal_gamma' should be >= 0; got {self.loss.focal_gamma}.")
+        for section in ("reweight", "fds"):
+            sec = getattr(self, section)
+            _choice(f"{section}.kernel", sec.kernel, ("gaussian", "triang", "laplace"))
+            if not isinstance(sec.ks, int) or sec.ks <= 0 or sec.ks % 2 == 0:
+                raise ValueError(f"'{section}.ks' should be a positive odd integer; got {sec.ks!r}.")
+            _positive(f"{section}.sigma", sec.sigma)
+        _choice("reweight.scheme", self.reweight.scheme, ("none", "inverse", "sqrt_inv"))
+        if self.reweight.lds and self.reweight.scheme == "none":
+            raise ValueError(
+                "'reweight.lds' is true but 'reweight.scheme' is 'none': LDS smooths the density "
+                "that the weights invert. Set reweight.scheme to inverse or sqrt_inv."
+            )
+        if self.reweight.clip_max and self.reweight.clip_max < self.reweight.clip_min:
+            raise ValueError(
+                f"'reweight.clip_max' ({self.reweight.clip_max}) should be >= 'reweight.clip_min' "
+                f"({self.reweight.clip_min})."
+            )
+        if not 0.0 <= self.fds.momentum < 1.0:
+            raise ValueError(f"'fds.momentum' should be in [0, 1); got {self.fds.momentum}.")
+        if not 0 < self.fds.clamp_min <= self.fds.clamp_max:
+            raise ValueError(
+                f"'fds.clamp_min' and 'fds.clamp_max' should satisfy 0 < min <= max; got "
+                f"{self.fds.clamp_min}, {self.fds.clamp_max}."
+            )
+        _choice("fds.covariance", self.fds.covariance, ("diag", "full"))
+        _choice("fds.gather", self.fds.gather, ("inflight", "extra_pass"))
+        _choice("rrt.scheme", self.rrt.scheme, ("inverse", "sqrt_inv"))
+        _positive("rrt.epochs", self.rrt.epochs)
+        _positive("rrt.lr", self.rrt.lr)
+        _choice("resample.method", self.resample.method, ("none", "smoter", "smogn"))
+        _choice("resample.strategy", self.resample.strategy, ("balance", "extreme"))
+        _positive("resample.k", self.resample.k)
+        _positive("train.num_workers", self.train.num_workers)
+        _positive("train.epochs", self.train.epochs)
+        _positive("train.batch_size", self.train.batch_size)
+        _positive("train.eval_batch_size", self.train.eval_batch_size)
+        _positive("train.lr", self.train.lr)
+        _choice("train.optimizer", self.train.optimizer, ("adam", "sgd"))
+        _choice("train.schedule", self.train.schedule, ("none", "cosine", "step"))
+        _choice("train.select_metric", self.train.select_metric, ("mae", "mse", "few_mae"))
+        if self.train.grad_clip < 0:
+            raise ValueError(f"'train.grad_clip' should be >= 0 (0 = off); got {self.train.grad_clip}.")
+        if self.train.max_failures < -1:
+            raise ValueError(f"'train.max_failures' should be >= -1 (-1 = unlimited); got {self.train.max_failures}.")
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"'{name}' should be one of {list(choices)}; got {value!r}.")
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"'{name}' should be a positive number; got {value!r}.")
+
+
+def _build(cls, raw: Any, prefix: str):
+    if not isinstance(raw, dict):
+        where = prefix.rstrip(".") or "config"
+        raise ValueError(f"'{where}' should be a mapping of keys to values; got {raw!r}.")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+        raise ValueError(
+            f"unknown config key '{prefix}{key}'.{hint} Valid keys in "
+            f"'{prefix.rstrip('.') or 'top level'}': {sorted(fields)}."
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value if value is not None else {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", value, typ)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, value: Any, typ: Any) -> Any:
+    origin = get_origin(typ) or typ
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"'{name}' should be a list; got {value!r}.")
+        return list(value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"'{name}' should be true or false; got {value!r}.")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ValueError(f"'{name}' should be an integer; got {value!r}.")
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"'{name}' should be a number; got {value!r}.")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ValueError(f"'{name}' should be a string; got {value!r}.")
+        return value
+    if get_args(typ):  # pragma: no cover - no unions in the schema today
+        return value
+    return value
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one ``key.sub=value`` override (value parsed as YAML) to a raw config dict."""
+    if "=" not in item:
+        raise ValueError(f"--set expects key=value (e.g. fds.ks=7); got {item!r}.")
+    key, text = item.split("=", 1)
+    _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set '{key}': '{part}' is not a section.")
+    node[parts[-1]] = value
