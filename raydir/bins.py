@@ -74,8 +74,11 @@ class Bins:
                 f"'stop' should be greater than 'start' (bins of positive width); got "
                 f"start={start!r}, stop={stop!r}."
             )
-        _, edges = np.histogram(np.array([], dtype=np.float32), bins=int(num_bins),
-                                range=(float(start), float(stop)))
+        try:
+            _, edges = np.histogram(np.array([], dtype=np.float32), bins=int(num_bins),
+                                    range=(float(start), float(stop)))
+        except ValueError:  # numpy refuses ranges float32 cannot cut into num_bins
+            edges = np.array([start, start], dtype=np.float32)
         if edges.dtype != np.float32 or (np.diff(edges) <= 0).any():
             raise ValueError(
                 f"[{start}, {stop}] cut into {num_bins} bins gives bins of width 0 in float32; "

@@ -1,0 +1,61 @@
+"""Shared fixtures: the benchmark label files in the workplace's shared data directory.
+
+The data are not part of the repository (README in the data directory); tests that need them
+skip with the reason when the directory is absent. Set RAYDIR_SHARED_DATA to point elsewhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def read_stsb_scores(path: Path) -> np.ndarray:
+    """'score' column of an STS-B-DIR TSV (tab separated, header row, no quoting)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        return np.array([float(row["score"]) for row in reader], dtype=np.float64)
+
+
+def read_agedb_ages(path: Path) -> dict[str, np.ndarray]:
+    """Ages per split ('train' / 'val' / 'test') from AgeDB-DIR's agedb.csv (age,path,split)."""
+    ages: dict[str, list[float]] = {}
+    with open(path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            ages.setdefault(row["split"], []).append(float(row["age"]))
+    return {split: np.array(values, dtype=np.float64) for split, values in ages.items()}
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The shared data directory, or skip the test naming where it was looked for."""
+    path = Path(os.environ.get("RAYDIR_SHARED_DATA", DEFAULT_SHARED_DATA))
+    if not path.is_dir():
+        pytest.skip(f"shared benchmark data not found at {path} (set RAYDIR_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stsb_scores(shared_data: Path) -> dict[str, np.ndarray]:
+    """STS-B-DIR scores per split: {'train': 5249, 'dev': 1000, 'test': 1000 values}."""
+    folder = shared_data / "sts-b-dir"
+    files = {split: folder / f"{split}_new.tsv" for split in ("train", "dev", "test")}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        pytest.skip(f"STS-B-DIR files missing: {missing}")
+    return {split: read_stsb_scores(p) for split, p in files.items()}
+
+
+@pytest.fixture(scope="session")
+def agedb_ages(shared_data: Path) -> dict[str, np.ndarray]:
+    """AgeDB-DIR ages per split: {'train': 12208, 'val': 2140, 'test': 2140 values}."""
+    path = shared_data / "agedb-dir" / "agedb.csv"
+    if not path.is_file():
+        pytest.skip(f"AgeDB-DIR label file missing: {path}")
+    return read_agedb_ages(path)
