@@ -211,9 +211,7 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file '{path}' does not exist.")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"config file '{path}' should hold a mapping of sections; got {type(raw).__name__}.")
+        raw = load_yaml_with_base(path)
         for item in overrides or []:
             apply_override(raw, item)
         return cls.from_dict(raw)
@@ -407,6 +405,33 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
     if get_args(typ):  # pragma: no cover - no unions in the schema today
         return value
     return value
+
+
+def load_yaml_with_base(path: Path, _seen: tuple = ()) -> dict:
+    """Read a YAML config; a top-level ``base: other.yaml`` (relative to this file) is read
+    first and this file's values are merged over it, section by section."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ValueError(f"config 'base' chain loops back to '{path}'.")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file '{path}' does not exist.")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file '{path}' should hold a mapping of sections; got {type(raw).__name__}.")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _deep_merge(load_yaml_with_base(path.parent / base, _seen + (path,)), raw)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def apply_override(raw: dict, item: str) -> None:
