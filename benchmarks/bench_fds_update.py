@@ -1,0 +1,140 @@
+"""FDS end-of-epoch statistics: vectorised accumulate + update vs the reference's per-label loop.
+
+One epoch of N x D float32 features over B integer labels (one bin each):
+
+* ``vectorised``: ``FDS.accumulate`` on the whole tensor (float64 ``index_add_``), then
+  ``FDS.update`` (stats, EMA, smoothing, calibration map);
+* ``vectorised, 512-row batches``: the same as a training loop calls it, batch by batch;
+* ``reference loop``: the reference code's pattern, for each unique label
+  ``features[labels == label]`` -> mean / unbiased var (float32), then EMA and
+  ``F.conv1d`` smoothing with reflect padding.
+
+All three run side by side in one process, interleaved, ``--repeats`` times; the table shows
+median seconds and the ratio to the reference loop. JSON goes to benchmarks/results/.
+
+    python -m benchmarks.bench_fds_update [--n 100000] [--dim 512] [--bins 100] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from raydir.bins import Bins
+from raydir.fds import FDS
+from raydir.kernels import kernel_window
+
+
+def reference_loop_update(features, labels, running_mean, running_var, window, momentum=0.9):
+    """Per-label masked loop in the style of the reference code (float32, no accumulators)."""
+    new_mean, new_var = running_mean.clone(), running_var.clone()
+    for label in torch.unique(labels):
+        feats = features[labels == label]
+        b = int(label)
+        mean = feats.mean(0)
+        var = feats.var(0, unbiased=feats.shape[0] != 1)
+        new_mean[b] = momentum * running_mean[b] + (1 - momentum) * mean
+        new_var[b] = momentum * running_var[b] + (1 - momentum) * var
+    half = window.numel() // 2
+
+    def smooth(x):
+        return F.conv1d(F.pad(x.unsqueeze(1).permute(2, 1, 0), pad=(half, half), mode="reflect"),
+                        weight=window.view(1, 1, -1)).permute(2, 1, 0).squeeze(1)
+
+    return new_mean, new_var, smooth(new_mean), smooth(new_var)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--bins", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "fds_update.json"))
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, args.bins, (args.n,), generator=g).to(device)
+    features = (torch.randn(args.n, args.dim, generator=g).to(device)
+                + labels[:, None].float() / args.bins)
+    bins = Bins.integer(0, args.bins)
+    window = torch.as_tensor(kernel_window("gaussian", 5, 2.0, normalize="sum"),
+                             dtype=torch.float32, device=device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def vectorised():
+        fds = FDS(args.dim, bins).to(device)
+        fds.accumulate(features, labels)
+        fds.update(0)
+        return fds
+
+    def vectorised_batches():
+        fds = FDS(args.dim, bins).to(device)
+        for s in range(0, args.n, args.batch):
+            fds.accumulate(features[s:s + args.batch], labels[s:s + args.batch])
+        fds.update(0)
+        return fds
+
+    def loop():
+        zeros = torch.zeros(args.bins, args.dim, device=device)
+        return reference_loop_update(features, labels, zeros, torch.ones_like(zeros), window)
+
+    cases = {"vectorised (one call)": vectorised,
+             f"vectorised ({args.batch}-row batches)": vectorised_batches,
+             "reference per-label loop": loop}
+    for fn in cases.values():  # warm-up (allocator, kernels)
+        fn()
+    sync()
+    times = {name: [] for name in cases}
+    for _ in range(args.repeats):
+        for name, fn in cases.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+
+    # the two agree on the epoch statistics (first update: running = epoch stats for FDS)
+    fds = vectorised()
+    ref_mean = torch.stack([features[labels == b].mean(0) for b in range(args.bins)]).double()
+    max_diff = float((fds.running_mean - ref_mean).abs().max())
+
+    base = statistics.median(times["reference per-label loop"])
+    rows = []
+    print(f"FDS update, {args.n} x {args.dim} float32, {args.bins} bins, device={device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}")
+    print(f"{'method':<32}{'median s':>10}{'min s':>10}{'speed-up':>10}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"method": name, "median_s": med, "min_s": min(ts), "times_s": ts,
+                     "speedup_vs_loop": base / med})
+        print(f"{name:<32}{med:>10.4f}{min(ts):>10.4f}{base / med:>9.1f}x")
+    print(f"max |mean difference| vectorised vs masked loop: {max_diff:.2e}")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "fds_update", "n": args.n, "dim": args.dim, "bins": args.bins,
+        "repeats": args.repeats, "batch": args.batch, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows,
+        "max_mean_diff": max_diff}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
