@@ -64,7 +64,7 @@ class ImageConfig:
 class DataConfig:
     source: str = "synthetic"        # synthetic | sts-b-dir | agedb-dir | imdb-wiki-dir | table
     path: str = ""                   # directory (sts-b-dir, agedb-dir, ...) or file / URI (table)
-    cache_dir: str = ".raydir_cache"  # prepared Parquet shards, keyed by a hash of this section
+    cache_dir: str = ".raydir_cache"  # prepared Parquet shards, keyed by a hash of this section; "" = no cache
     nan_policy: str = "error"        # NaN / inf targets: error | drop (count is logged)
     seed: int = 0                    # data generation / split seed
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

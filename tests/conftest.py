@@ -7,6 +7,7 @@ skip with the reason when the directory is absent. Set RAYDIR_SHARED_DATA to poi
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from pathlib import Path
 
@@ -59,3 +60,23 @@ def agedb_ages(shared_data: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         pytest.skip(f"AgeDB-DIR label file missing: {path}")
     return read_agedb_ages(path)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (2 CPUs, quiet, no dashboard).
+
+    Added by the STS-B / image source work; replace freely with a richer shared version.
+    """
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, ignore_reinit_error=True)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False  # no execution-plan lines per Dataset run
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    yield ray
+    if started:
+        ray.shutdown()

@@ -1,0 +1,590 @@
+"""The Ray Data pipeline: source -> clean targets -> bin column -> global histogram ->
+train-only standardisation -> cached Parquet shards -> weight column.
+
+``prepare(cfg)`` runs it; training, tuning and ``raydir prepare`` call it. The distributed
+seams, in order:
+
+  [1] load    the source yields lazy Ray Datasets (train / val / test);
+  [2] reduce  ONE pass per split computes, per block, the bin histogram, the count of
+              non-finite / out-of-range targets and the per-feature count / mean / centred sum
+              of squares; the driver merges those small per-block rows (never the labels);
+  [3] map     a lazy ``map_batches`` drops (policy ``drop``) non-finite rows, adds the bin
+              column and standardises ``features`` with the train statistics;
+  [4] cache   the mapped splits are written as Parquet shards under
+              ``cache_dir/<source>-<hash>/<split>/`` with ``manifest.json``; later runs with the
+              same data + bins sections read them back instead of redoing [1]-[3];
+  [5] weight  the per-bin weights (a B-vector from the train histogram and the reweight
+              section) become a ``weight`` column. Not cached: Tune varies the reweight
+              section, and :meth:`PreparedData.reweighted` redoes only this step.
+
+``data.cache_dir: ""`` turns the cache off (the prepared splits are then materialised in the
+Ray object store instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from raydir.bins import SHOTS, Bins, ShotRegions
+from raydir.data.base import BIN, FEATURES, SPLITS, TARGET, WEIGHT, SourceData
+
+CACHE_VERSION = 1  # bump when the layout or the meaning of the cached columns changes
+SOURCE_MODULES = {
+    "synthetic": "raydir.data.synthetic",
+    "table": "raydir.data.table",
+    "sts-b-dir": "raydir.data.stsb",
+    "agedb-dir": "raydir.data.images",
+    "imdb-wiki-dir": "raydir.data.images",
+}
+# Which config sub-section of `data` a source reads (the others do not enter its cache key).
+SOURCE_SECTIONS = {"synthetic": "synthetic", "table": "table", "sts-b-dir": "text",
+                   "agedb-dir": "image", "imdb-wiki-dir": "image"}
+FIRST = 5  # offending values / rows shown in error messages
+
+
+# -- configuration helpers ------------------------------------------------------------------
+def resolve_bins(bins_cfg, default: Bins | None) -> Bins:
+    """The bins in use: ``bins.kind`` uniform / integer from the bins section, or under
+    ``auto`` the source's official bins with the section's ``out_of_range`` policy."""
+    if bins_cfg.kind == "auto":
+        if default is None:
+            raise ValueError("bins.kind is 'auto' but the source has no default bins; set "
+                             "bins.kind to uniform or integer.")
+        return Bins(default.edges, out_of_range=bins_cfg.out_of_range,
+                    merge_below=default.merge_below)
+    if bins_cfg.kind == "uniform":
+        return Bins.uniform(bins_cfg.start, bins_cfg.stop, bins_cfg.num_bins,
+                            out_of_range=bins_cfg.out_of_range)
+    for name in ("start", "stop"):
+        value = getattr(bins_cfg, name)
+        if int(value) != value:
+            raise ValueError(f"'bins.{name}' should be an integer when bins.kind is 'integer'; got {value!r}.")
+    return Bins.integer(int(bins_cfg.start), int(bins_cfg.stop), merge_below=bins_cfg.merge_below,
+                        out_of_range=bins_cfg.out_of_range)
+
+
+def resolve_shots(shots_cfg, default: ShotRegions | None, train_counts: np.ndarray,
+                  bins: Bins) -> ShotRegions:
+    """Explicit config lists > the source's official lists > thresholds on train counts."""
+    if shots_cfg.many or shots_cfg.medium:
+        return ShotRegions.from_lists(bins.num_bins, many=shots_cfg.many, medium=shots_cfg.medium)
+    if default is not None:
+        if default.num_bins != bins.num_bins:
+            raise ValueError(
+                f"the source's official shot lists cover {default.num_bins} bins but the bins "
+                f"in use have {bins.num_bins}; set shots.many / shots.medium for these bins, or "
+                f"use bins.kind: auto."
+            )
+        return default
+    return ShotRegions.from_counts(train_counts, num_bins=bins.num_bins,
+                                   many_threshold=shots_cfg.many_threshold,
+                                   few_threshold=shots_cfg.few_threshold)
+
+
+def compute_bin_weights(train_counts: np.ndarray, reweight_cfg, log: Callable = print) -> np.ndarray:
+    """Per-bin weights from :func:`raydir.lds.bin_weights` and the reweight section."""
+    from raydir.lds import bin_weights
+
+    clip = None
+    if reweight_cfg.clip_min or reweight_cfg.clip_max:
+        if reweight_cfg.scheme == "inverse":
+            hi = reweight_cfg.clip_max or max(float(np.max(train_counts)), reweight_cfg.clip_min, 1.0)
+            clip = (float(reweight_cfg.clip_min), float(hi))
+        else:
+            log(f"reweight.clip_min / clip_max apply to scheme 'inverse' only; ignored for "
+                f"scheme {reweight_cfg.scheme!r}.")
+    return bin_weights(train_counts, reweight=reweight_cfg.scheme, lds=reweight_cfg.lds,
+                       kernel=reweight_cfg.kernel, ks=reweight_cfg.ks, sigma=reweight_cfg.sigma,
+                       clip=clip)
+
+
+def load_source(cfg) -> SourceData:
+    """Import the source's module lazily (text / image extras) and call its ``load(cfg)``."""
+    name = cfg.data.source
+    if name not in SOURCE_MODULES:
+        raise ValueError(f"'data.source' should be one of {sorted(SOURCE_MODULES)}; got {name!r}.")
+    module = importlib.import_module(SOURCE_MODULES[name])
+    source = module.load(cfg)
+    missing = [s for s in SPLITS if s not in source.splits]
+    assert not missing, f"source {name!r} returned no {missing} split(s)"
+    return source
+
+
+# -- [2] the distributed reduction ------------------------------------------------------------
+@dataclass
+class SplitStats:
+    """Additive statistics of one split, merged from one row per block."""
+
+    rows: int                      # rows read
+    nonfinite: int                 # rows whose target is NaN / inf (in float32)
+    counts: np.ndarray             # int64 rows per bin (finite targets; out-of-range clipped)
+    below: int                     # finite targets below the first edge (not merged below)
+    above: int                     # finite targets above the last edge
+    outside_first: list[float]     # a few of those values, for the error message
+    feature_count: int = 0         # rows entering the feature moments (finite target)
+    feature_mean: np.ndarray | None = None
+    feature_m2: np.ndarray | None = None   # centred sum of squares per feature
+    feature_nonfinite: int = 0     # non-finite feature values among those rows
+
+    @property
+    def feature_std(self) -> np.ndarray | None:
+        if self.feature_m2 is None:
+            return None
+        return np.sqrt(self.feature_m2 / max(self.feature_count, 1))
+
+
+def merge_moments(n_a: int, mean_a: np.ndarray, m2_a: np.ndarray,
+                  n_b: int, mean_b: np.ndarray, m2_b: np.ndarray):
+    """Chan et al.'s pairwise merge of (count, mean, centred sum of squares): exact and, unlike
+    sum / sum of squares, free of cancellation when the mean is large against the spread."""
+    n = n_a + n_b
+    if n == 0:
+        return 0, mean_a, m2_a
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / n)
+    m2 = m2_a + m2_b + delta ** 2 * (n_a * n_b / n)
+    return n, mean, m2
+
+
+class BlockStats:
+    """``map_batches`` body (whole blocks): one row of statistics per block."""
+
+    def __init__(self, bins: Bins, column: str = TARGET, features: str | None = None):
+        self.bins, self.column, self.features = bins, column, features
+        self._clip = Bins(bins.edges, out_of_range="clip", merge_below=bins.merge_below)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        y = np.asarray(batch[self.column]).astype(np.float32, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = np.isfinite(y)
+        y = y[finite]
+        edges = self.bins.edges
+        below = (y < edges[0]) & (not self.bins.merge_below)
+        above = y > edges[-1]
+        outside = y[below | above][:FIRST]
+        out = {
+            "rows": np.array([finite.size], dtype=np.int64),
+            "nonfinite": np.array([int((~finite).sum())], dtype=np.int64),
+            "counts": np.bincount(self._clip.index(y), minlength=self.bins.num_bins)[None].astype(np.int64),
+            "below": np.array([int(below.sum())], dtype=np.int64),
+            "above": np.array([int(above.sum())], dtype=np.int64),
+            "outside_first": np.pad(outside.astype(np.float64), (0, FIRST - outside.size),
+                                    constant_values=np.nan)[None],
+        }
+        if self.features is not None:
+            x = np.asarray(batch[self.features], dtype=np.float64)
+            x = x.reshape(len(finite), -1)[finite]
+            ok = np.isfinite(x)
+            bad = int((~ok).sum())
+            if bad:  # keep the moments finite; the driver raises on any non-finite value
+                x = np.where(ok, x, 0.0)
+            mean = x.mean(axis=0) if x.shape[0] else np.zeros(x.shape[1])
+            out.update({
+                "feature_count": np.array([x.shape[0]], dtype=np.int64),
+                "feature_mean": mean[None],
+                "feature_m2": ((x - mean) ** 2).sum(axis=0)[None],
+                "feature_nonfinite": np.array([bad], dtype=np.int64),
+            })
+        return out
+
+
+def split_stats(ds, bins: Bins, *, column: str = TARGET, features: str | None = None) -> SplitStats:
+    """[2] One distributed pass over ``ds``: per-block statistics, summed on the driver."""
+    rows = ds.map_batches(BlockStats(bins, column, features), batch_format="numpy",
+                          batch_size=None).take_all()
+    stats = SplitStats(rows=0, nonfinite=0, counts=np.zeros(bins.num_bins, dtype=np.int64),
+                       below=0, above=0, outside_first=[])
+    for r in rows:
+        stats.rows += int(r["rows"])
+        stats.nonfinite += int(r["nonfinite"])
+        stats.counts += np.asarray(r["counts"], dtype=np.int64)
+        stats.below += int(r["below"])
+        stats.above += int(r["above"])
+        first = np.asarray(r["outside_first"], dtype=np.float64)
+        stats.outside_first.extend(first[~np.isnan(first)].tolist())
+        if features is not None:
+            mean, m2 = np.asarray(r["feature_mean"]), np.asarray(r["feature_m2"])
+            if stats.feature_mean is None:
+                stats.feature_mean, stats.feature_m2 = np.zeros_like(mean), np.zeros_like(m2)
+            stats.feature_count, stats.feature_mean, stats.feature_m2 = merge_moments(
+                stats.feature_count, stats.feature_mean, stats.feature_m2,
+                int(r["feature_count"]), mean, m2)
+            stats.feature_nonfinite += int(r["feature_nonfinite"])
+    stats.outside_first = stats.outside_first[:FIRST]
+    return stats
+
+
+def _outside_message(stats: SplitStats, bins: Bins, column: str, split: str | None) -> str:
+    # The same wording as Bins.index's out_of_range='error' policy, with the global count.
+    where = f" in split '{split}'" if split else ""
+    return (
+        f"{stats.below + stats.above} value(s) of '{column}'{where} lie outside the bin range "
+        f"[{float(bins.edges[0]):g}, {float(bins.edges[-1]):g}] (first: {stats.outside_first}). "
+        f"Widen the bins, or set out_of_range='clip' (bins.out_of_range: clip) to put them "
+        f"into the edge bins."
+    )
+
+
+def histogram(ds, bins: Bins, column: str = TARGET) -> np.ndarray:
+    """Rows per bin (int64) of ``ds[column]`` by a distributed reduction; equals
+    ``bins.histogram(all labels)`` (labels compared in float32 for float32 bins, as stored)."""
+    stats = split_stats(ds, bins, column=column)
+    if stats.nonfinite:
+        raise ValueError(
+            f"'{column}' holds {stats.nonfinite} non-finite value(s) (NaN or inf); expected "
+            f"finite numbers. Remove or fix those rows."
+        )
+    if bins.out_of_range == "error" and stats.below + stats.above:
+        raise ValueError(_outside_message(stats, bins, column, None))
+    return stats.counts
+
+
+# -- [3] the per-row maps ---------------------------------------------------------------------
+class FinalizeBatch:
+    """Keep the model inputs, cast the target to float32, add the bin, standardise features."""
+
+    def __init__(self, bins: Bins, input_columns: list[str], mean: np.ndarray | None,
+                 std: np.ndarray | None, drop_nonfinite: bool):
+        self.bins = Bins(bins.edges, out_of_range="clip", merge_below=bins.merge_below)
+        self.input_columns = list(input_columns)
+        self.mean = None if mean is None else mean.astype(np.float32)
+        self.std = None if std is None else std.astype(np.float32)
+        self.drop = drop_nonfinite
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        y = np.asarray(batch[TARGET]).astype(np.float32, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            keep = np.isfinite(y)
+        # Non-finite targets reach here only under nan_policy 'drop' (checked in [2]).
+        out = {}
+        for col in self.input_columns:
+            values = np.asarray(batch[col])
+            if col == FEATURES and self.mean is not None:
+                values = ((values.astype(np.float32) - self.mean) / self.std).astype(np.float32)
+            out[col] = values[keep] if not keep.all() else values
+        y = y[keep] if not keep.all() else y
+        out[TARGET] = y
+        out[BIN] = self.bins.index(y)
+        return out
+
+
+class AddWeight:
+    """[5] ``weight = bin_weights[bin]`` (float32)."""
+
+    def __init__(self, weights: np.ndarray):
+        self.weights = np.asarray(weights, dtype=np.float32)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch[WEIGHT] = self.weights[np.asarray(batch[BIN], dtype=np.int64)]
+        return batch
+
+
+class _NonFiniteRows:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        y = np.asarray(batch[TARGET]).astype(np.float32, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            bad = ~np.isfinite(y)
+        return {k: np.asarray(v)[bad] for k, v in batch.items()}
+
+
+def _describe_row(row: dict) -> dict:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, np.ndarray):
+            v = v.tolist()
+            if isinstance(v, list) and len(v) > 4:
+                v = v[:4] + ["..."]
+        elif isinstance(v, np.generic):
+            v = v.item()
+        out[k] = v
+    return out
+
+
+# -- the result -------------------------------------------------------------------------------
+@dataclass
+class PreparedData:
+    """Prepared train / val / test Ray Datasets and everything derived from train."""
+
+    datasets: dict[str, Any]           # split -> Ray Dataset: inputs, target, bin, weight
+    bins: Bins                         # the bins in use
+    shots: ShotRegions                 # many / medium / few per bin
+    train_counts: np.ndarray           # int64 train rows per bin (the global histogram)
+    bin_weights: np.ndarray            # float64 weight per bin (mean over train rows = 1)
+    feature_mean: np.ndarray | None    # float64 per feature (train only); None unless features
+    feature_std: np.ndarray | None     # float64 per feature (train only, constant -> 1)
+    input_kind: str                    # features | tokens | image
+    input_columns: list[str]           # model input columns in the datasets
+    raw_columns: list[str]             # columns a user passes at prediction time
+    sizes: dict[str, int]              # rows per split (after the nan policy)
+    split_counts: dict[str, np.ndarray]  # int64 rows per bin for every split
+    meta: dict[str, Any] = field(default_factory=dict)  # source meta + cache_dir, key, dropped
+    base_datasets: dict[str, Any] = field(default_factory=dict, repr=False)  # without weight
+
+    @property
+    def num_features(self) -> int | None:
+        return None if self.feature_mean is None else int(self.feature_mean.size)
+
+    def reweighted(self, reweight_cfg, *, log: Callable = print) -> "PreparedData":
+        """A copy with the weight column recomputed for another reweight section (what a Tune
+        trial needs); the cached splits are reused as they are."""
+        weights = compute_bin_weights(self.train_counts, reweight_cfg, log)
+        datasets = {s: ds.map_batches(AddWeight(weights), batch_format="numpy")
+                    for s, ds in self.base_datasets.items()}
+        return dataclasses.replace(self, datasets=datasets, bin_weights=weights)
+
+    def model_info(self) -> dict[str, Any]:
+        """JSON-safe description of the inputs for the model and its logged pyfunc:
+        raw columns -> encoder -> (x - mean) / std -> model."""
+        return {
+            "input_kind": self.input_kind,
+            "input_columns": list(self.input_columns),
+            "raw_columns": list(self.raw_columns),
+            "num_features": self.num_features,
+            "feature_names": list(self.meta.get("feature_names", [])),
+            "feature_mean": None if self.feature_mean is None else self.feature_mean.tolist(),
+            "feature_std": None if self.feature_std is None else self.feature_std.tolist(),
+            "encoder": self.meta.get("encoder"),
+            "bins": self.bins.to_dict(),
+            "shots": self.shots.to_dict(),
+            "source": self.meta.get("source"),
+        }
+
+
+# -- [4] the cache ----------------------------------------------------------------------------
+def _fingerprint(path: str) -> Any:
+    """Size and mtime of a local data.path (a file, or a directory's top-level entries), so
+    that an edited file gets a new cache entry. URIs are keyed by their name only."""
+    if not path or "://" in path:
+        return None
+    p = Path(path)
+    if p.is_file():
+        st = p.stat()
+        return [st.st_size, st.st_mtime_ns]
+    if p.is_dir():
+        return sorted([e.name, e.stat().st_size, e.stat().st_mtime_ns]
+                      for e in p.iterdir() if not e.name.startswith("."))
+    return None
+
+
+def cache_key(cfg) -> str:
+    """Hash of what determines the prepared splits: the data section (minus cache_dir and
+    the sub-sections of other sources; the encoder is part of the text section), the bins
+    section and the data files' size / mtime."""
+    data = dataclasses.asdict(cfg.data)
+    keep = {k: v for k, v in data.items() if not isinstance(v, dict) and k != "cache_dir"}
+    section = SOURCE_SECTIONS.get(cfg.data.source)
+    if section:
+        keep[section] = data[section]
+    payload = {"version": CACHE_VERSION, "data": keep, "bins": dataclasses.asdict(cfg.bins),
+               "files": _fingerprint(cfg.data.path)}
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(
+            f"cache directory '{root}' (data.cache_dir) is not writable: {exc}. Point "
+            f"data.cache_dir at a writable directory, or set it to '' to disable the cache."
+        ) from exc
+
+
+def _read_cached(entry: Path, manifest: dict) -> dict[str, Any]:
+    import ray.data
+
+    return {s: ray.data.read_parquet(str(entry / s)) for s in SPLITS}
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _per_split(fn: Callable[[str], Any]) -> dict[str, Any]:
+    with ThreadPoolExecutor(max_workers=len(SPLITS)) as pool:
+        futures = {s: pool.submit(fn, s) for s in SPLITS}
+        return {s: futures[s].result() for s in SPLITS}
+
+
+# -- prepare ----------------------------------------------------------------------------------
+def prepare(cfg, *, log: Callable[[str], Any] = print) -> PreparedData:
+    """Run (or reuse) the data pipeline for ``cfg`` and return the prepared splits."""
+    root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else None
+    entry = None
+    if root is not None:
+        _check_writable(root)
+        entry = root / f"{cfg.data.source}-{cache_key(cfg)}"
+        manifest_path = entry / "manifest.json"
+        if manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text())
+            log(f"reusing cached prepared data at {entry} (sizes {manifest['sizes']})")
+            return _assemble(cfg, manifest, _read_cached(entry, manifest), log, entry)
+
+    t0 = time.perf_counter()
+    # [1] load
+    source = load_source(cfg)
+    bins = resolve_bins(cfg.bins, source.default_bins)
+    features = FEATURES if source.input_kind == "features" else None
+    log(f"preparing {cfg.data.source}: {bins!r}")
+
+    # [2] reduce: one pass per split
+    # The three splits run concurrently: on small data each Ray Data run is mostly fixed
+    # latency (scheduling, read metadata), on large data they share the cluster.
+    stats = _per_split(lambda s: split_stats(source.splits[s], bins, features=features))
+    dropped = {}
+    for s in SPLITS:
+        st = stats[s]
+        if st.nonfinite:
+            if cfg.data.nan_policy == "error":
+                rows = source.splits[s].map_batches(_NonFiniteRows(), batch_format="numpy").take(FIRST)
+                raise ValueError(
+                    f"split '{s}' has {st.nonfinite} row(s) with a NaN / inf target (first rows: "
+                    f"{[_describe_row(r) for r in rows]}). Fix or remove them, or set "
+                    f"data.nan_policy: drop to drop them (the count is logged)."
+                )
+            log(f"data.nan_policy=drop: dropped {st.nonfinite} row(s) with a NaN / inf target "
+                f"from split '{s}'")
+        dropped[s] = st.nonfinite
+        if bins.out_of_range == "error" and st.below + st.above:
+            raise ValueError(_outside_message(st, bins, TARGET, s))
+        if st.rows - st.nonfinite == 0:
+            raise ValueError(
+                f"split '{s}' of source {cfg.data.source!r} is empty ({st.rows} row(s) read, "
+                f"{st.nonfinite} with a non-finite target). Check data.path and the split settings."
+            )
+        if features is not None and st.feature_nonfinite:
+            raise ValueError(
+                f"column '{FEATURES}' of split '{s}' holds {st.feature_nonfinite} NaN / inf "
+                f"value(s) (missing values in the feature columns?); fill or drop them first."
+            )
+    mean = std = None
+    if features is not None:
+        mean = stats["train"].feature_mean
+        std = stats["train"].feature_std
+        constant = np.flatnonzero(std <= 0)
+        if constant.size:
+            log(f"{constant.size} feature(s) are constant on train (index {constant[:10].tolist()}); "
+                f"they are centred but not scaled")
+            std = np.where(std > 0, std, 1.0)
+
+    # [3] map
+    mapped = {s: source.splits[s].map_batches(
+        FinalizeBatch(bins, source.input_columns, mean, std, drop_nonfinite=bool(stats[s].nonfinite)),
+        batch_format="numpy") for s in SPLITS}
+    counts = {s: stats[s].counts for s in SPLITS}
+    manifest = {
+        "version": CACHE_VERSION,
+        "source": cfg.data.source,
+        "sizes": {s: int(counts[s].sum()) for s in SPLITS},
+        "counts": {s: counts[s].tolist() for s in SPLITS},
+        "dropped": dropped,
+        "bins": bins.to_dict(),
+        "default_shots": None if source.default_shots is None else source.default_shots.to_dict(),
+        "feature_mean": None if mean is None else mean.tolist(),
+        "feature_std": None if std is None else std.tolist(),
+        "input_kind": source.input_kind,
+        "input_columns": list(source.input_columns),
+        "raw_columns": list(source.raw_columns),
+        "meta": _json_safe(source.meta),
+        "config": {"data": dataclasses.asdict(cfg.data), "bins": dataclasses.asdict(cfg.bins)},
+    }
+
+    # [4] cache
+    if entry is not None:
+        tmp = entry.with_name(f"{entry.name}.tmp-{uuid.uuid4().hex[:8]}")
+        _per_split(lambda s: mapped[s].write_parquet(str(tmp / s)))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        try:
+            os.rename(tmp, entry)
+        except OSError:  # another run cached the same key first; theirs is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+        log(f"cached prepared data at {entry} ({time.perf_counter() - t0:.1f} s)")
+        datasets = _read_cached(entry, manifest)
+    else:
+        datasets = _per_split(lambda s: mapped[s].materialize())
+    return _assemble(cfg, manifest, datasets, log, entry)
+
+
+def _assemble(cfg, manifest: dict, base: dict[str, Any], log: Callable, entry: Path | None) -> PreparedData:
+    bins = Bins.from_dict(manifest["bins"])
+    counts = {s: np.asarray(manifest["counts"][s], dtype=np.int64) for s in SPLITS}
+    default_shots = None
+    if manifest.get("default_shots"):
+        d = manifest["default_shots"]
+        default_shots = ShotRegions.from_lists(bins.num_bins, many=d["many"], medium=d["medium"],
+                                               few=d["few"])
+    shots = resolve_shots(cfg.shots, default_shots, counts["train"], bins)
+    # [5] weight
+    weights = compute_bin_weights(counts["train"], cfg.reweight, log)
+    datasets = {s: base[s].map_batches(AddWeight(weights), batch_format="numpy") for s in SPLITS}
+    mean = manifest.get("feature_mean")
+    std = manifest.get("feature_std")
+    meta = dict(manifest.get("meta") or {})
+    meta.update({"cache_dir": None if entry is None else str(entry),
+                 "dropped": manifest.get("dropped", {})})
+    return PreparedData(
+        datasets=datasets, bins=bins, shots=shots, train_counts=counts["train"],
+        bin_weights=weights,
+        feature_mean=None if mean is None else np.asarray(mean, dtype=np.float64),
+        feature_std=None if std is None else np.asarray(std, dtype=np.float64),
+        input_kind=manifest["input_kind"], input_columns=list(manifest["input_columns"]),
+        raw_columns=list(manifest["raw_columns"]), sizes=dict(manifest["sizes"]),
+        split_counts=counts, meta=meta, base_datasets=base,
+    )
+
+
+# -- the `raydir prepare` report --------------------------------------------------------------
+def format_prepare_report(prepared: PreparedData, *, max_lines: int = 25, width: int = 40) -> str:
+    """Split sizes, a text histogram of the train counts and the shot-region sizes."""
+    b = prepared.bins
+    lines = [f"source: {prepared.meta.get('source', '?')}   bins: {b!r}"]
+    if prepared.meta.get("cache_dir"):
+        lines.append(f"cache: {prepared.meta['cache_dir']}")
+    lines.append("split sizes: " + ", ".join(f"{s} {prepared.sizes[s]:,}" for s in SPLITS))
+    dropped = {s: n for s, n in prepared.meta.get("dropped", {}).items() if n}
+    if dropped:
+        lines.append(f"dropped (non-finite target): {dropped}")
+
+    counts = prepared.train_counts
+    group = max(1, -(-b.num_bins // max_lines))
+    lines.append(f"train histogram ({b.num_bins} bins" + (f", {group} per line)" if group > 1 else ")"))
+    sums = [(i, min(i + group, b.num_bins), int(counts[i:i + group].sum()))
+            for i in range(0, b.num_bins, group)]
+    top = max((c for _, _, c in sums), default=0) or 1
+    for lo, hi, c in sums:
+        label = f"[{float(b.edges[lo]):g}, {float(b.edges[hi]):g})"
+        bar = "#" * int(round(width * c / top))
+        if c and not bar:
+            bar = "."
+        lines.append(f"  {label:>18} {c:>9,} {bar}")
+
+    lines.append("shot regions (bins / rows per split):")
+    header = f"  {'':8}{'bins':>6}" + "".join(f"{s:>10}" for s in SPLITS)
+    lines.append(header)
+    for shot in SHOTS:
+        idx = prepared.shots.bins_of(shot)
+        rows = "".join(f"{int(prepared.split_counts[s][idx].sum()):>10,}" for s in SPLITS)
+        lines.append(f"  {shot:8}{idx.size:>6}{rows}")
+    w = prepared.bin_weights
+    occupied = w[prepared.train_counts > 0]
+    if occupied.size:
+        lines.append(f"bin weights (occupied train bins): min {occupied.min():.3g}, "
+                     f"max {occupied.max():.3g}")
+    return "\n".join(lines)
