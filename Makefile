@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt imbreg smogn
 	touch $(STAMP)
 
 install: $(STAMP)

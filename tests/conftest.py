@@ -64,14 +64,15 @@ def agedb_ages(shared_data: Path) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole test session (2 CPUs, quiet, no dashboard).
+    """One local Ray instance for the whole test session (quiet, no dashboard).
 
-    Added by the STS-B / image source work; replace freely with a richer shared version.
+    Four logical CPUs on a 2-core machine: two Ray Train workers reserve one each, and Ray
+    Data ingest and evaluation tasks need CPUs beside them.
     """
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, ignore_reinit_error=True)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False

@@ -1,0 +1,89 @@
+"""Encoder -> FDS -> regression head, assembled from a config and the prepared data's info."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from raydir.bins import Bins
+from raydir.config import Config
+from raydir.fds import FDS
+
+
+class DIRModel(nn.Module):
+    """A regression model with an optional FDS layer between encoder and head.
+
+    ``forward`` returns the prediction (shape (n,), target units) and the *uncalibrated*
+    features, so the training loop can feed FDS statistics from the same forward pass.
+    FDS is an identity in eval mode and without labels, so inference is just
+    ``model(inputs)[0]``.
+    """
+
+    def __init__(self, encoder: nn.Module, feature_dim: int, fds: FDS | None = None,
+                 target_offset: float = 0.0):
+        super().__init__()
+        self.encoder = encoder
+        self.fds = fds
+        self.head = nn.Linear(feature_dim, 1)
+        # Starting the head at the training mean saves the first epochs on targets like ages.
+        nn.init.constant_(self.head.bias, float(target_offset))
+        self.target_offset = float(target_offset)
+
+    def forward(self, inputs: Any, labels: torch.Tensor | None = None,
+                epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.encoder(**inputs) if isinstance(inputs, dict) else self.encoder(inputs)
+        calibrated = features
+        if self.fds is not None:
+            calibrated = self.fds(features, labels, epoch)
+        return self.head(calibrated).squeeze(-1), features
+
+    def reset_head(self) -> None:
+        """Re-initialise the regressor (RRT stage two) with PyTorch's default Linear init."""
+        with torch.no_grad():
+            fresh = nn.Linear(self.head.in_features, 1)
+            self.head.weight.copy_(fresh.weight)
+            self.head.bias.fill_(self.target_offset)
+
+
+def model_kind(cfg: Config, info: dict) -> str:
+    if cfg.model.kind != "auto":
+        return cfg.model.kind
+    return {"features": "mlp", "tokens": "bilstm", "image": "resnet"}[info["input_kind"]]
+
+
+def build_encoder(cfg: Config, info: dict) -> nn.Module:
+    from raydir import encoders
+
+    kind = model_kind(cfg, info)
+    m = cfg.model
+    if kind in ("mlp", "text_pair"):
+        if info["input_kind"] != "features":
+            raise ValueError(
+                f"'model.kind' is {kind!r}, which reads a feature vector, but the data source gives "
+                f"{info['input_kind']!r} inputs. Use model.kind=auto."
+            )
+        return encoders.MLPEncoder(int(info["num_features"]), list(m.hidden), m.feature_dim, m.dropout)
+    if kind == "bilstm":
+        embedding = encoders.load_glove_matrix()
+        return encoders.BiLSTMPairEncoder(embedding, hidden=m.lstm_hidden, out_dim=m.feature_dim)
+    if kind == "resnet":
+        # Images of 128 px and more get the ImageNet stem (7x7 stride-2 conv + max pool).
+        return encoders.ResNetEncoder(width=m.resnet_width, blocks=list(m.resnet_blocks),
+                                      out_dim=m.feature_dim,
+                                      large_input=cfg.data.image.size >= 128)
+    raise ValueError(f"unknown model.kind {kind!r}")  # config validation makes this unreachable
+
+
+def build_model(cfg: Config, info: dict) -> DIRModel:
+    """The model for a config and ``PreparedData.model_info()``."""
+    encoder = build_encoder(cfg, info)
+    fds = None
+    if cfg.fds.enabled:
+        f = cfg.fds
+        fds = FDS(cfg.model.feature_dim, Bins.from_dict(info["bins"]),
+                  kernel=f.kernel, ks=f.ks, sigma=f.sigma, momentum=f.momentum,
+                  start_update=f.start_update, start_smooth=f.start_smooth,
+                  clamp=(f.clamp_min, f.clamp_max), covariance=f.covariance)
+    return DIRModel(encoder, cfg.model.feature_dim, fds, target_offset=info.get("target_mean", 0.0))

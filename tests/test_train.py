@@ -1,0 +1,135 @@
+"""Training on Ray Train with MLflow: FDS all-reduced across workers, fault tolerance, RRT,
+the logged and registered model. Real Ray (shared session instance) and a SQLite MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from raydir.config import Config
+from raydir.train import run_training
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def small_config(tmp_path, **sections) -> Config:
+    raw = {
+        "data": {"source": "synthetic", "cache_dir": str(tmp_path / "cache"), "seed": 3,
+                 "synthetic": {"n_train": 600, "num_features": 6, "per_bin_eval": 4, "high": 40.0}},
+        "bins": {"kind": "uniform", "start": 0.0, "stop": 40.0, "num_bins": 20},
+        "model": {"hidden": [16], "feature_dim": 8},
+        "train": {"num_workers": 2, "epochs": 2, "batch_size": 50, "eval_batch_size": 64,
+                  "storage_path": str(tmp_path / "ray_results"), "cpus_per_worker": 1.0},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tests"},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return Config.from_dict(raw)
+
+
+def _stats(path):
+    return torch.load(path, weights_only=False)
+
+
+def test_fds_statistics_equal_across_ranks_and_one_worker(tmp_path, ray_session):
+    """A 2-worker run and a 1-worker run on the same data end with the same FDS running
+    statistics, and both ranks hold identical statistics. The learning rate is so small that
+    the weights stay put, so the features are a fixed function of the inputs and only the
+    way the data is sharded differs."""
+    fixed = {"lr": 1e-12, "epochs": 2}
+    results = {}
+    for workers in (2, 1):
+        dump = tmp_path / f"dump{workers}"
+        dump.mkdir()
+        cfg = small_config(tmp_path, fds={"enabled": True, "start_update": 0, "start_smooth": 1},
+                           train={**fixed, "num_workers": workers},
+                           tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "log_model": False})
+        run_training(cfg, _dump_dir=str(dump))
+        results[workers] = dump
+    last = 1
+    two = [_stats(results[2] / f"rank{r}_epoch{last}.pt") for r in (0, 1)]
+    one = _stats(results[1] / f"rank0_epoch{last}.pt")
+    for key in ("running_mean", "running_var", "smoothed_mean", "smoothed_var"):
+        assert torch.equal(two[0][key], two[1][key]), key  # identical on both ranks
+        np.testing.assert_allclose(two[0][key].numpy(), one[key].numpy(), rtol=1e-6, atol=1e-7,
+                                   err_msg=key)
+    assert int(two[0]["count"].sum()) == int(one["count"].sum()) == 600
+
+
+def test_run_is_tracked_registered_and_served(tmp_path, ray_session):
+    cfg = small_config(tmp_path, fds={"enabled": True}, reweight={"scheme": "sqrt_inv", "lds": True},
+                       tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                 "register_name": "raydir-test-model", "experiment": "tests"})
+    result = run_training(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["fds.enabled"] == "True" and params["reweight.scheme"] == "sqrt_inv"
+    assert params["derived.fds_gather"] == "inflight"
+    history = client.get_metric_history(run.info.run_id, "val_mae")
+    assert sorted(m.step for m in history) == [0, 1]
+    for key in ("test_mae", "test_few_mae", "test_many_count", "test_medium_mse", "test_pearson"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["test_count"] == result["test"]["overall"]["count"] == 20 * 4
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    for name in ("config.yaml", "train_label_density.png", "per_bin_test.csv",
+                 "test_error_vs_density.png", "fds_feature_similarity.png",
+                 "fds_smoothing_distance.png", "test_shot_metrics.json"):
+        assert name in artifacts, name
+    per_bin = pd.read_csv(client.download_artifacts(run.info.run_id, "per_bin_test.csv", str(tmp_path)))
+    assert per_bin["count"].sum() == 80 and len(per_bin) == 20
+
+    assert result["registered_model"] == {"name": "raydir-test-model", "version": 1}
+    assert client.get_model_version("raydir-test-model", "1").run_id == run.info.run_id
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    model = mlflow.pyfunc.load_model("models:/raydir-test-model/1")
+    raw = pd.DataFrame({f"x{i}": np.linspace(-1, 1, 5) for i in range(6)})
+    pred = np.asarray(model.predict(raw))
+    assert pred.shape == (5,) and np.isfinite(pred).all()
+    with pytest.raises(Exception, match="x5"):
+        model.predict(raw.drop(columns=["x5"]))
+
+
+def test_worker_killed_mid_run_resumes_from_checkpoint(tmp_path, ray_session):
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    marker = tmp_path / "killed"
+    cfg = small_config(tmp_path, fds={"enabled": True},
+                       train={"epochs": 3, "max_failures": 1},
+                       tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "log_model": False})
+    result = run_training(cfg, _fault={"epoch": 2, "rank": 1, "marker": str(marker)},
+                          _dump_dir=str(dump))
+    assert marker.read_text() == "killed at epoch 2"
+    # Both restarted workers restored the FDS buffers of the last checkpoint (epoch 1).
+    restored = [_stats(dump / f"restored_rank{r}_epoch1.pt") for r in (0, 1)]
+    before = _stats(dump / "rank0_epoch1.pt")
+    for key in ("running_mean", "running_var", "smoothed_mean", "smoothed_var"):
+        assert torch.equal(restored[0][key], before[key]) and torch.equal(restored[1][key], before[key])
+    client = MlflowClient(cfg.tracking.uri)
+    steps = sorted(m.step for m in client.get_metric_history(result["run_id"], "val_mae"))
+    assert steps == [0, 1, 2]  # every epoch logged exactly once
+
+
+def test_rrt_changes_only_the_regressor(tmp_path, ray_session):
+    cfg = small_config(tmp_path, rrt={"enabled": True, "epochs": 2, "lr": 0.01},
+                       tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "log_model": False})
+    result = run_training(cfg)
+    final = torch.load(f"{result['checkpoint_path']}/final.pt", weights_only=False)
+    one, two = final["stage_one_best"], final["model"]
+    assert one.keys() == two.keys()
+    changed = {k for k in one if not torch.equal(one[k], two[k])}
+    assert changed and changed <= {"head.weight", "head.bias"}
+    assert [h["stage"] for h in final["history"]] == [1, 1, 2, 2]
+
+
+def test_unreachable_tracking_server_fails_before_training(tmp_path):
+    cfg = small_config(tmp_path, tracking={"uri": "http://127.0.0.1:9"})
+    with pytest.raises(ConnectionError, match=r"http://127.0.0.1:9 cannot be reached"):
+        run_training(cfg)
