@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.peers import smogn_with_numpy2_shim
+
 TARGET_S = {5000: 0.5, 100000: 20.0}
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,43 +43,6 @@ def _frame(X, y):
     df = pd.DataFrame(X, columns=[f"f{i}" for i in range(X.shape[1])])
     df["y"] = y
     return df
-
-
-def _shim_smogn():
-    """smogn 0.1.2 calls np.quantile(interpolation=) (gone in numpy 2.4) and int()/float() on
-    1-element arrays (an error in numpy 2); give its modules a numpy that tolerates both."""
-    import numpy as np
-    import smogn  # noqa: F401
-
-    class _Random:
-        def __getattr__(self, name):
-            return getattr(np.random, name)
-
-        @staticmethod
-        def choice(*args, size=None, **kw):
-            out = np.random.choice(*args, size=size, **kw)
-            return out.reshape(()) if size == 1 else out
-
-        @staticmethod
-        def normal(*args, size=None, **kw):
-            out = np.random.normal(*args, size=size, **kw)
-            return out.reshape(()) if size == 1 else out
-
-    class _Numpy:
-        random = _Random()
-
-        def __getattr__(self, name):
-            return getattr(np, name)
-
-        @staticmethod
-        def quantile(a, q, interpolation=None, **kw):
-            return np.quantile(a, q, method=interpolation or "linear", **kw)
-
-    for module in ("box_plot_stats", "over_sampling", "smoter", "phi", "phi_ctrl_pts",
-                   "dist_metrics"):
-        if f"smogn.{module}" in sys.modules:
-            sys.modules[f"smogn.{module}"].np = _Numpy()
-    return sys.modules["smogn"]
 
 
 def worker(lib: str, method: str, n: int, repeats: int) -> dict:
@@ -110,7 +75,7 @@ def worker(lib: str, method: str, n: int, repeats: int) -> dict:
 
         import numpy as np
 
-        smogn = _shim_smogn()
+        smogn = smogn_with_numpy2_shim()
         np.random.seed(0)  # smogn draws from the global RNGs only
         import random
 

@@ -249,7 +249,10 @@ def train_loop_per_worker(config: dict) -> None:
     test_shard = ray.train.get_dataset_shard(f"test_{rank}")
     test, acc = evaluate(core, test_shard, info, bins, shots, cfg.train.eval_batch_size, device,
                          sizes["test"], "test")
-    final = {"final": 1, **flatten_metrics(test, "test"), "best_epoch": state["best_epoch"]}
+    # The validation metrics of the epoch whose weights were tested (what a sweep ranks by).
+    best_row = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), {})
+    final = {"final": 1, **flatten_metrics(test, "test"), "best_epoch": state["best_epoch"],
+             **{f"best_{k}": v for k, v in best_row.items() if k.startswith("val_")}}
     logger.log_metrics({k: v for k, v in final.items() if k != "final"}, step=total)
     if rank == 0:
         with tempfile.TemporaryDirectory() as d:
@@ -321,36 +324,72 @@ def run_training(cfg: Config, *, resume: str | None = None, log: Callable[[str],
     The MLflow tracking store is checked first, then Ray is started, the data prepared, the
     run created, the TorchTrainer fitted, and the best model tested, logged and registered.
     """
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from raydir import tracking
     from raydir.data.pipeline import prepare
-    from raydir.lds import bin_weights
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_tracking_uri(uri)  # before any Ray or data work
     t = cfg.train
     ensure_ray(t.num_workers * t.cpus_per_worker)
     prepared = prepare(cfg, log=log)
+    info = model_info(cfg, prepared)
+
+    run = tracking.start_run(uri, cfg, resume=resume, extra_params=derived_params(cfg, prepared))
+    log(f"MLflow run {run.run_id} in experiment '{cfg.tracking.experiment}' at {uri}")
+    tracking.log_data_artifacts(uri, run.run_id, cfg, prepared)
+
+    storage = t.storage_path or str(Path("~/ray_results").expanduser())
+    trainer = build_trainer(cfg, prepared, info, tracking_uri=uri, run_id=run.run_id,
+                            name=f"raydir-{run.run_id}", storage_path=storage,
+                            _fault=_fault, _dump_dir=_dump_dir)
+    result = trainer.fit()
+    if result.error:
+        tracking.end_run(uri, run.run_id, status="FAILED")
+        raise result.error
+    final, per_bin = load_final(result.checkpoint)
+    out = tracking.finish_run(uri, run.run_id, cfg, prepared, info, final, per_bin)
+    out["checkpoint_path"] = result.checkpoint.path
+    return out
+
+
+def model_info(cfg: Config, prepared) -> dict:
+    """The prepared data's model description plus what the worker needs beside it."""
     info = prepared.model_info()
     info["shot_region"] = prepared.shots.region.tolist()
     info["target_mean"] = float(np.dot(prepared.train_counts, prepared.bins.centers)
                                 / max(prepared.train_counts.sum(), 1))
+    return info
+
+
+def derived_params(cfg: Config, prepared) -> dict:
+    """MLflow params that are not config values."""
+    return {"derived.fds_gather": cfg.fds.gather if cfg.fds.enabled else "off",
+            "derived.train_rows": prepared.sizes["train"], "derived.val_rows": prepared.sizes["val"],
+            "derived.test_rows": prepared.sizes["test"],
+            **prepared.resample_params()}  # resampled train size and per-shot rows, if any
+
+
+def build_trainer(cfg: Config, prepared, info: dict, *, tracking_uri: str, run_id: str, name: str,
+                  storage_path: str, callbacks: list | None = None, _fault: dict | None = None,
+                  _dump_dir: str | None = None):
+    """The ``TorchTrainer`` for one configuration (``raydir train`` and every Tune trial).
+
+    ``prepared.bin_weights`` are the stage-one weights; a Tune trial passes a copy
+    reweighted for its own reweight section. Re-using ``name`` under ``storage_path``
+    resumes from that run's last checkpoint.
+    """
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raydir.lds import bin_weights
+
+    t = cfg.train
     rrt_w = None
     if cfg.rrt.enabled:
         r = cfg.reweight
         rrt_w = bin_weights(prepared.train_counts, reweight=cfg.rrt.scheme, lds=cfg.rrt.lds,
                             kernel=r.kernel, ks=r.ks, sigma=r.sigma).tolist()
-
-    run = tracking.start_run(uri, cfg, resume=resume, extra_params={
-        "derived.fds_gather": cfg.fds.gather if cfg.fds.enabled else "off",
-        "derived.train_rows": prepared.sizes["train"], "derived.val_rows": prepared.sizes["val"],
-        "derived.test_rows": prepared.sizes["test"]})
-    log(f"MLflow run {run.run_id} in experiment '{cfg.tracking.experiment}' at {uri}")
-    tracking.log_data_artifacts(uri, run.run_id, cfg, prepared)
-
     # Evaluation splits are cut into one exact piece per worker (no padding, no drop); the
     # training split is streamed with Ray Train's equal split so every rank runs the same
     # number of DDP steps.
@@ -360,28 +399,26 @@ def run_training(cfg: Config, *, resume: str | None = None, log: Callable[[str],
             datasets[f"{split}_{i}"] = piece
     for ds in datasets.values():
         ds.context.enable_progress_bars = False  # workers print one line per epoch instead
-    storage = t.storage_path or str(Path("~/ray_results").expanduser())
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "model_info": info, "sizes": prepared.sizes,
                            "bin_weights": prepared.bin_weights.tolist(), "rrt_bin_weights": rrt_w,
-                           "tracking_uri": uri, "run_id": run.run_id,
+                           "tracking_uri": tracking_uri, "run_id": run_id,
                            "_fault": _fault, "_dump_dir": _dump_dir},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
-        run_config=RunConfig(name=f"raydir-{run.run_id}", storage_path=storage,
+        run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=3)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=3),
+                             callbacks=list(callbacks or [])),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
-    if result.error:
-        tracking.end_run(uri, run.run_id, status="FAILED")
-        raise result.error
-    with result.checkpoint.as_directory() as d:
+
+
+def load_final(checkpoint) -> tuple[dict, str]:
+    """The final checkpoint's payload (best weights, test metrics, history) and per-bin CSV."""
+    with checkpoint.as_directory() as d:
         final = torch.load(Path(d) / FINAL_FILE, map_location="cpu", weights_only=False)
         per_bin = (Path(d) / PER_BIN_FILE).read_text()
-    out = tracking.finish_run(uri, run.run_id, cfg, prepared, info, final, per_bin)
-    out["checkpoint_path"] = result.checkpoint.path
-    return out
+    return final, per_bin

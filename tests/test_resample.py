@@ -12,6 +12,7 @@ import pytest
 from scipy.interpolate import CubicHermiteSpline
 from scipy.spatial.distance import cdist
 
+from benchmarks.peers import smogn_with_numpy2_shim
 from raydir.bins import Bins
 from raydir.lds import effective_density
 from raydir.resample import (SMOGN, SMOTER, LDSRelevance, auto_control_points, box_plot_stats,
@@ -97,42 +98,11 @@ def test_phi_matches_imbreg():
 
 
 def _smogn_shimmed():
-    """The PyPI smogn package with numpy >= 2 fixes (it calls np.quantile(interpolation=)
-    and int()/float() on 1-element arrays); None when it is not installed."""
+    """The PyPI smogn package made to run on numpy >= 2; None when it is not installed."""
     try:
-        import smogn
+        return smogn_with_numpy2_shim()
     except ImportError:
         return None
-
-    class _Random:
-        def __getattr__(self, name):
-            return getattr(np.random, name)
-
-        @staticmethod
-        def choice(*args, size=None, **kw):
-            out = np.random.choice(*args, size=size, **kw)
-            return out.reshape(()) if size == 1 else out
-
-        @staticmethod
-        def normal(*args, size=None, **kw):
-            out = np.random.normal(*args, size=size, **kw)
-            return out.reshape(()) if size == 1 else out
-
-    class _Numpy:
-        random = _Random()
-
-        def __getattr__(self, name):
-            return getattr(np, name)
-
-        @staticmethod
-        def quantile(a, q, interpolation=None, **kw):
-            return np.quantile(a, q, method=interpolation or "linear", **kw)
-
-    for module in ("box_plot_stats", "over_sampling", "smoter", "phi", "phi_ctrl_pts",
-                   "dist_metrics"):
-        if f"smogn.{module}" in sys.modules:
-            sys.modules[f"smogn.{module}"].np = _Numpy()
-    return smogn
 
 
 def test_phi_matches_smogn_on_its_control_points():

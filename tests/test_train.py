@@ -133,3 +133,25 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path):
     cfg = small_config(tmp_path, tracking={"uri": "http://127.0.0.1:9"})
     with pytest.raises(ConnectionError, match=r"http://127.0.0.1:9 cannot be reached"):
         run_training(cfg)
+
+
+def test_interrupted_run_continues_with_resume(tmp_path, ray_session):
+    """A run that dies with no retries left is continued by `--resume RUN_ID` from its last
+    checkpoint: the finished epochs are not trained again and each is logged once."""
+    marker = tmp_path / "killed"
+    cfg = small_config(tmp_path, train={"epochs": 3, "max_failures": 0},
+                       tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "log_model": False})
+    logs: list[str] = []
+    with pytest.raises(Exception):
+        run_training(cfg, log=logs.append, _fault={"epoch": 1, "rank": 0, "marker": str(marker)})
+    hint = [m for m in logs if "--resume" in m]
+    assert hint, logs
+    run_id = hint[0].rsplit(" ", 1)[-1].rstrip("`")
+    client = MlflowClient(cfg.tracking.uri)
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run_id, "val_mae")] == [0]
+
+    result = run_training(cfg, resume=run_id)
+    assert result["run_id"] == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val_mae")) == [0, 1, 2]
