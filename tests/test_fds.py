@@ -418,3 +418,24 @@ def test_bad_call_inputs_name_the_parameter():
         fds(z, y_nan, 1)
     with pytest.raises(ValueError, match="'features'.*shape"):
         fds(z[:, :2], y, 1)
+
+
+# -- accumulation -------------------------------------------------------------------------------
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_bin_moments_of_float32_features_are_float64_exact_and_chunking_free(monkeypatch, covariance):
+    import raydir.fds as fds_module
+
+    z, y = _data(96, n=3000, dim=5, dtype=torch.float32)
+    z = z + 1000.0  # mean^2 / var ~ 1e6: float32 sums of squares would lose the variance
+    idx = y.long()
+    count, total, second = fds_module.bin_moments(z, idx, NUM_BINS, covariance)
+    z64, b = z.double().numpy(), idx.numpy()
+    for k in range(NUM_BINS):
+        zk = z64[b == k]
+        assert count[k] == len(zk)
+        np.testing.assert_allclose(total[k].numpy(), zk.sum(0), rtol=1e-13)
+        expected = zk.T @ zk if covariance == "full" else (zk * zk).sum(0)
+        np.testing.assert_allclose(second[k].numpy(), expected, rtol=1e-13)
+    monkeypatch.setattr(fds_module, "_CHUNK_ELEMENTS", 7)  # many chunks, and a ragged last one
+    for got, ref in zip(fds_module.bin_moments(z, idx, NUM_BINS, covariance), (count, total, second)):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
