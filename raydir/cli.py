@@ -1,4 +1,4 @@
-"""`raydir train | prepare` command line.
+"""`raydir train | tune | evaluate | predict | prepare` command line.
 
 Config errors (unknown keys, out-of-range values) are raised while parsing, before Ray or
 MLflow start.
@@ -30,6 +30,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_ID",
                    help="continue an interrupted run from its last checkpoint (MLflow run id)")
 
+    p = sub.add_parser("tune", help="sweep LDS / FDS / Focal-R settings with Ray Tune; register the best")
+    _add_config_args(p)
+    p.add_argument("--result-file", help="write the sweep's parent run, best trial and model as JSON")
+
+    p = sub.add_parser("evaluate", help="shot metrics of a registered model on a labelled split")
+    p.add_argument("--model", required=True, help="model URI, e.g. models:/NAME@champion")
+    _add_config_args(p)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--result-file", help="write the evaluation run id and metrics as JSON")
+
+    p = sub.add_parser("predict", help="batch predictions of a registered model with Ray Data")
+    p.add_argument("--model", required=True, help="model URI, e.g. models:/NAME@champion")
+    p.add_argument("--input", required=True, help="Parquet / CSV file, folder or URI with the raw input columns")
+    p.add_argument("--output", required=True, help="Parquet file to write (input columns + prediction)")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--num-actors", type=int, default=1, help="model replicas in the actor pool")
+
     p = sub.add_parser("prepare", help="read, bin, weight and cache the data; print a summary")
     _add_config_args(p)
     return parser
@@ -46,6 +63,10 @@ def _write_result(path: str | None, result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "predict":
+        from raydir.predict import predict_main
+
+        return predict_main(args)
     try:
         cfg = Config.from_yaml(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as exc:
@@ -72,6 +93,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"registered model: models:/{r['name']}/{r['version']}")
         _write_result(args.result_file, result)
         return 0
+    if args.command == "tune":
+        from raydir.tune import tune_main
+
+        return tune_main(cfg, args)
+    if args.command == "evaluate":
+        from raydir.predict import evaluate_main
+
+        return evaluate_main(cfg, args)
     return 2  # argparse makes this unreachable
 
 

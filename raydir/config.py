@@ -185,6 +185,43 @@ class TrackingConfig:
     log_model: bool = True           # log the trained model (raw inputs in, target units out)
 
 
+# Keys a sweep may vary. The data, bins and shots sections are prepared once per sweep and
+# the per-trial resources are validated once, so those stay fixed across trials.
+SWEEPABLE = (
+    "reweight.scheme", "reweight.lds", "reweight.kernel", "reweight.ks", "reweight.sigma",
+    "reweight.clip_min", "reweight.clip_max",
+    "fds.enabled", "fds.kernel", "fds.ks", "fds.sigma", "fds.momentum", "fds.start_smooth",
+    "fds.clamp_min", "fds.clamp_max",
+    "loss.name", "loss.focal_activate", "loss.focal_beta", "loss.focal_gamma", "loss.huber_beta",
+    "rrt.enabled", "rrt.scheme", "rrt.lr",
+    "model.dropout", "train.lr", "train.weight_decay", "train.batch_size",
+)
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")  # one per swept key
+# Validation metrics a sweep can optimise; "a+b" optimises the mean of the terms (same direction).
+TUNE_METRIC_TERMS = {
+    "mae": "min", "mse": "min", "gmean": "min", "pearson": "max", "spearman": "max",
+    **{f"{shot}_{m}": "min" for shot in ("many", "medium", "few") for m in ("mae", "mse", "gmean")},
+}
+
+
+@dataclass
+class TuneConfig:
+    space: dict = field(default_factory=dict)  # {"reweight.ks": {grid: [3, 5]}, "fds.sigma": {uniform: [1, 3]}, ...}
+    searcher: str = "grid"           # grid (every combination) | random (num_samples draws) | optuna | hyperopt
+    num_samples: int = 1             # grid: repeats of the grid; random / model-based: trials drawn
+    metric: str = "mae"              # val metric: mae | mse | few_mae | ... or "mae+few_mae" (mean of the terms)
+    mode: str = "auto"               # auto (from the metric: errors min, correlations max) | min | max
+    scheduler: str = "asha"          # asha (stop poor trials early) | none (every trial runs all epochs)
+    grace_period: int = 1            # asha: epochs every trial runs before it can be stopped
+    reduction_factor: int = 2        # asha: keep the best 1/reduction_factor at each rung
+    max_concurrent_trials: int = 0   # 0 = as many as fit: each trial's workers + 1 CPU for its Ray Data ingest
+    alias: str = "champion"          # registry alias moved to the best model when it beats the holder
+    name: str = ""                   # experiment name; empty = raydir-tune-<hash of the config>; re-run = resume
+    storage_path: str = ""           # Tune experiment folder root; empty = train.storage_path or ~/ray_results
+    seed: int = 0                    # random / model-based searchers: sampling seed
+    log_models: bool = True          # log every completed trial's model to its run (the best is registered)
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -198,6 +235,7 @@ class Config:
     resample: ResampleConfig = field(default_factory=ResampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -330,6 +368,20 @@ class Config:
         _choice("resample.method", self.resample.method, ("none", "smoter", "smogn"))
         _choice("resample.strategy", self.resample.strategy, ("balance", "extreme"))
         _positive("resample.k", self.resample.k)
+        if self.resample.method != "none":
+            if not 0.0 < self.resample.threshold <= 1.0:
+                raise ValueError(f"'resample.threshold' should be in (0, 1]; got {self.resample.threshold}.")
+            _positive("resample.pert", self.resample.pert)
+            kind = {"agedb-dir": "image", "imdb-wiki-dir": "image"}.get(self.data.source)
+            if self.data.source == "sts-b-dir" and self.data.text.encoder == "glove":
+                kind = "token (data.text.encoder: glove)"
+            if kind:  # the pipeline checks the source's input kind again (raydir.data.pipeline)
+                raise ValueError(
+                    f"'resample.method' is {self.resample.method!r} but data.source="
+                    f"{self.data.source!r} gives {kind} inputs; SMOTER / SMOGN interpolate "
+                    f"feature vectors only. Use a feature source (synthetic, table, or sts-b-dir "
+                    f"with data.text.encoder: minilm), or set resample.method: none."
+                )
         _positive("train.num_workers", self.train.num_workers)
         _positive("train.epochs", self.train.epochs)
         _positive("train.batch_size", self.train.batch_size)
@@ -342,6 +394,81 @@ class Config:
             raise ValueError(f"'train.grad_clip' should be >= 0 (0 = off); got {self.train.grad_clip}.")
         if self.train.max_failures < -1:
             raise ValueError(f"'train.max_failures' should be >= -1 (-1 = unlimited); got {self.train.max_failures}.")
+        _validate_tune(self.tune)
+
+
+def tune_metric_mode(metric: str) -> str:
+    """'min' or 'max' for a metric expression such as ``mae+few_mae`` (validated first)."""
+    terms = [t.strip() for t in metric.split("+")]
+    unknown = [t for t in terms if t not in TUNE_METRIC_TERMS]
+    if not metric.strip() or unknown:
+        raise ValueError(
+            f"'tune.metric' should be a validation metric or several joined by '+' (their mean), "
+            f"e.g. 'few_mae' or 'mae+few_mae'; got {metric!r}. Valid terms: {sorted(TUNE_METRIC_TERMS)}."
+        )
+    modes = {TUNE_METRIC_TERMS[t] for t in terms}
+    if len(modes) > 1:
+        raise ValueError(
+            f"'tune.metric' {metric!r} mixes errors (lower is better) with correlations (higher is "
+            f"better); their mean has no direction. Optimise them in separate sweeps."
+        )
+    return modes.pop()
+
+
+def _validate_tune(t: "TuneConfig") -> None:
+    """Shape of the tune section; trial values are checked against the rest of the config by
+    ``raydir.tune`` before a sweep starts. An empty space is valid here (``raydir train``)."""
+    if not isinstance(t.space, dict):
+        raise ValueError(f"'tune.space' should be a mapping of swept keys to specs; got {t.space!r}.")
+    for key, spec in t.space.items():
+        if key not in SWEEPABLE:
+            close = difflib.get_close_matches(str(key), SWEEPABLE, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"'tune.space' has unknown key {key!r}.{hint} Sweepable keys: {list(SWEEPABLE)}.")
+        if isinstance(spec, (list, tuple)):  # shorthand: a bare list is a grid
+            spec = {"grid": list(spec)}
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SPACE_KINDS):
+            raise ValueError(
+                f"'tune.space.{key}' should be one of {{grid: [..]}}, {{choice: [..]}}, {{uniform: [lo, hi]}}, "
+                f"{{loguniform: [lo, hi]}}, {{randint: [lo, hi]}} (or a bare list = grid); got {spec!r}."
+            )
+        kind, values = next(iter(spec.items()))
+        if not isinstance(values, (list, tuple)) or len(values) == 0:
+            raise ValueError(
+                f"'tune.space.{key}' has no values to try ({kind}: {values!r}). Give at least one, "
+                f"e.g. {{{kind}: {'[1, 3]' if kind in ('uniform', 'loguniform', 'randint') else '[3, 5, 7]'}}}."
+            )
+        if kind in ("uniform", "loguniform", "randint"):
+            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) \
+                    or not values[0] < values[1]:
+                raise ValueError(f"'tune.space.{key}' {kind} should be [low, high] with low < high; got {values!r}.")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ValueError(f"'tune.space.{key}' loguniform needs low > 0; got {values!r}.")
+    _choice("tune.searcher", t.searcher, ("grid", "random", "optuna", "hyperopt"))
+    if t.searcher == "grid":
+        ranged = [k for k, s in t.space.items() if isinstance(s, dict) and next(iter(s)) in
+                  ("uniform", "loguniform", "randint")]
+        if ranged:
+            raise ValueError(
+                f"'tune.searcher' is 'grid' but {ranged} are ranges, which a grid cannot enumerate. "
+                f"Give them as {{grid: [..]}} values, or set tune.searcher=random with tune.num_samples."
+            )
+    _positive("tune.num_samples", t.num_samples)
+    natural = tune_metric_mode(t.metric)
+    _choice("tune.mode", t.mode, ("auto", "min", "max"))
+    if t.mode not in ("auto", natural):
+        raise ValueError(
+            f"'tune.mode' is {t.mode!r} but 'tune.metric' {t.metric!r} is better when {natural}imised; "
+            f"set tune.mode to auto or {natural}."
+        )
+    _choice("tune.scheduler", t.scheduler, ("asha", "none"))
+    _positive("tune.grace_period", t.grace_period)
+    if not isinstance(t.reduction_factor, int) or t.reduction_factor < 2:
+        raise ValueError(f"'tune.reduction_factor' should be an integer >= 2; got {t.reduction_factor!r}.")
+    if t.max_concurrent_trials < 0:
+        raise ValueError(f"'tune.max_concurrent_trials' should be >= 0 (0 = as many as fit); got {t.max_concurrent_trials}.")
+    if not t.alias or not t.alias.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"'tune.alias' should be a non-empty name of letters, digits, '-' or '_'; got {t.alias!r}.")
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -443,6 +570,9 @@ def apply_override(raw: dict, item: str) -> None:
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    if key.startswith("tune.space."):  # swept keys hold dots themselves: tune.space.fds.ks=[3, 5]
+        raw.setdefault("tune", {}).setdefault("space", {})[key[len("tune.space."):]] = value
+        return
     parts = key.split(".")
     node = raw
     for part in parts[:-1]:

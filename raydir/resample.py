@@ -16,7 +16,11 @@ The pieces, each a plain function on numpy arrays, then two thin estimators on t
    resample every region on its own.
 3. **Synthesis** within one region (:func:`synthesize`): k nearest neighbours from a KD-tree
    on range-scaled features, and all synthetic rows made at once with array operations.
-   Under-sampling keeps a random subset of the region's original rows, unchanged.
+   Under-sampling keeps a random subset of the region's original rows, unchanged: the rows
+   with the smallest seeded row keys (:func:`row_keys`). Every region draws from its own
+   random stream (:func:`region_streams`), so the result does not depend on row order and a
+   distributed caller that handles one region per task (``raydir.data.resample``) gets
+   exactly the output of :meth:`SMOTER.fit_resample`.
 
 Conventions and where they differ from the peer implementations (UBL in R, PyPI ``smogn``,
 ``imbreg``) are stated where they apply; none of them clips features or targets here.
@@ -38,7 +42,8 @@ from raydir.bins import Bins
 
 __all__ = [
     "BoxPlotStats", "box_plot_stats", "auto_control_points", "relevance", "LDSRelevance",
-    "lds_rare_bins", "Region", "plan_regions", "synthesize", "SMOTER", "SMOGN",
+    "lds_rare_bins", "Region", "plan_regions", "row_keys", "region_streams", "synthesize",
+    "SMOTER", "SMOGN",
 ]
 
 EXTREMES = ("both", "low", "high")
@@ -333,6 +338,61 @@ def plan_regions(y: Any, phi: Any, *, threshold: float = 0.5, strategy: Any = "b
 # ------------------------------------------------------------------------------------------
 # 3. synthesis within one region
 # ------------------------------------------------------------------------------------------
+_MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, vectorised (uint64 arithmetic wraps)."""
+    h = (h ^ (h >> np.uint64(30))) * _MIX1
+    h = (h ^ (h >> np.uint64(27))) * _MIX2
+    return h ^ (h >> np.uint64(31))
+
+
+def row_keys(x: Any, y: Any, salt: int) -> np.ndarray:
+    """A seeded pseudo-random uint64 key per row, from the row's values alone.
+
+    The key hashes the float64 bit patterns of every feature and the target, so it does not
+    depend on where the row sits in the input. Within a region, rows are taken in key order:
+    under-sampling keeps the ``n_target`` smallest keys (a uniform random subset that a
+    distributed caller can select with a streaming filter) and synthesis sees the rows in a
+    canonical order, so the output does not depend on the input's row order or partitioning.
+    Only identical rows share a key (up to 64-bit hash collisions), and those are
+    interchangeable.
+    """
+    xf = np.ascontiguousarray(np.asarray(x, dtype=np.float64).reshape(len(y), -1))
+    yf = np.ascontiguousarray(np.asarray(y, dtype=np.float64))
+    with np.errstate(over="ignore"):
+        h = _mix64(np.full(yf.shape, np.uint64(salt & 0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
+                   ^ yf.view(np.uint64))
+        for j in range(xf.shape[1]):
+            h = _mix64(h ^ np.ascontiguousarray(xf[:, j]).view(np.uint64))
+    return h
+
+
+def region_streams(rng: np.random.Generator, n_regions: int):
+    """``(salt, generators)``: the row-key salt and one independent generator per region.
+
+    Each region draws from its own stream, so a caller that resamples the regions in separate
+    tasks (in any order) reproduces :meth:`SMOTER.fit_resample` with the same seed exactly.
+    """
+    salt = int(rng.integers(0, 2 ** 63))
+    try:
+        streams = rng.spawn(n_regions)
+    except (TypeError, ValueError):  # a bit generator without a SeedSequence
+        streams = [np.random.default_rng(int(s)) for s in rng.integers(0, 2 ** 63, n_regions)]
+    return salt, streams
+
+
+def small_region_warning(region: "Region", k: int) -> str | None:
+    """The message for an over-sampled region with fewer than ``k + 1`` samples, else None."""
+    n = region.n_original
+    if region.n_target <= n or k <= n - 1:
+        return None
+    return (f"region {region.index} (y in [{region.y_min:g}, {region.y_max:g}]) has {n} "
+            f"sample(s), fewer than k + 1 = {k + 1}; using its {max(n - 1, 0)} other sample(s) "
+            f"as neighbours" + (" (a single sample is copied)" if n == 1 else "") + ".")
+
+
 def _neighbours(z: np.ndarray, seeds: np.ndarray, k: int):
     """k nearest other rows of every seed (indices into z, distances), from one KD-tree.
 
@@ -569,24 +629,24 @@ class _BaseResampler:
         order = np.argsort(sample_region, kind="stable")
         bounds = np.searchsorted(sample_region[order], np.arange(len(regions) + 1))
 
+        # Every region in its own random stream and its rows in row-key order: the output is
+        # independent of row order, and raydir.data.resample reproduces it region by region.
+        salt, streams = region_streams(rng, len(regions))
+        keys = row_keys(xf, yf, salt)
         kept, parts = [], []
         for region in regions:
             members = order[bounds[region.index]:bounds[region.index + 1]]
-            if region.n_target <= region.n_original:
-                chosen = rng.choice(members.size, size=region.n_target, replace=False)
-                kept.append(members[np.sort(chosen)])
+            members = members[np.argsort(keys[members], kind="stable")]
+            if region.n_target <= region.n_original:  # the n_target smallest keys
+                kept.append(members[:region.n_target])
                 continue
             kept.append(members)
-            if self.k > members.size - 1:
-                warnings.warn(
-                    f"region {region.index} (y in [{region.y_min:g}, {region.y_max:g}]) has "
-                    f"{members.size} sample(s), fewer than k + 1 = {self.k + 1}; using its "
-                    f"{max(members.size - 1, 0)} other sample(s) as neighbours"
-                    + (" (a single sample is copied)" if members.size == 1 else "") + ".",
-                    UserWarning, stacklevel=2)
+            message = small_region_warning(region, self.k)
+            if message:
+                warnings.warn(message, UserWarning, stacklevel=2)
             x_new, y_new, seed, nbr, noise = synthesize(
                 xf[members], yf[members], region.n_synthetic, method=self._method, k=self.k,
-                pert=getattr(self, "pert", 0.0), rng=rng)
+                pert=getattr(self, "pert", 0.0), rng=streams[region.index])
             parts.append((x_new, y_new, members[seed],
                           np.where(nbr >= 0, members[np.maximum(nbr, 0)], -1), noise))
 

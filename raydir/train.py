@@ -220,6 +220,7 @@ def train_loop_per_worker(config: dict) -> None:
             fds_info = {"fds_smoothing_l1": fds.smoothing_distance()}
             if dump_dir:  # test hook: every rank's statistics after each update
                 torch.save(fds.statistics(), Path(dump_dir) / f"rank{rank}_epoch{epoch}.pt")
+                (Path(dump_dir) / f"rank{rank}_node.txt").write_text(ray.get_runtime_context().get_node_id())
 
         from raydir.distributed import all_reduce_sum
 
@@ -342,10 +343,15 @@ def run_training(cfg: Config, *, resume: str | None = None, log: Callable[[str],
     trainer = build_trainer(cfg, prepared, info, tracking_uri=uri, run_id=run.run_id,
                             name=f"raydir-{run.run_id}", storage_path=storage,
                             _fault=_fault, _dump_dir=_dump_dir)
-    result = trainer.fit()
-    if result.error:
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except BaseException:
         tracking.end_run(uri, run.run_id, status="FAILED")
-        raise result.error
+        log(f"training failed; continue it from its last checkpoint with "
+            f"`raydir train --config ... --resume {run.run_id}`")
+        raise
     final, per_bin = load_final(result.checkpoint)
     out = tracking.finish_run(uri, run.run_id, cfg, prepared, info, final, per_bin)
     out["checkpoint_path"] = result.checkpoint.path

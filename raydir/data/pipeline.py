@@ -8,11 +8,16 @@ seams, in order:
   [2] reduce  ONE pass per split computes, per block, the bin histogram, the count of
               non-finite / out-of-range targets and the per-feature count / mean / centred sum
               of squares; the driver merges those small per-block rows (never the labels);
+  [2b] resample (``resample.method`` smoter | smogn, feature inputs only) the training split
+              is resampled region by region on raw features (:mod:`raydir.data.resample`)
+              and [2] is redone on the result, so the histogram, the standardisation
+              statistics and the weights are those of the resampled set; shot regions stay
+              those of the original training counts, so that metrics compare across methods;
   [3] map     a lazy ``map_batches`` drops (policy ``drop``) non-finite rows, adds the bin
               column and standardises ``features`` with the train statistics;
   [4] cache   the mapped splits are written as Parquet shards under
               ``cache_dir/<source>-<hash>/<split>/`` with ``manifest.json``; later runs with the
-              same data + bins sections read them back instead of redoing [1]-[3];
+              same data + bins (+ resample) sections read them back instead of redoing [1]-[3];
   [5] weight  the per-bin weights (a B-vector from the train histogram and the reweight
               section) become a ``weight`` column. Not cached: Tune varies the reweight
               section, and :meth:`PreparedData.reweighted` redoes only this step.
@@ -109,6 +114,18 @@ def compute_bin_weights(train_counts: np.ndarray, reweight_cfg, log: Callable = 
     return bin_weights(train_counts, reweight=reweight_cfg.scheme, lds=reweight_cfg.lds,
                        kernel=reweight_cfg.kernel, ks=reweight_cfg.ks, sigma=reweight_cfg.sigma,
                        clip=clip)
+
+
+def check_resample_input(cfg, input_kind: str) -> None:
+    """SMOTER / SMOGN interpolate a feature vector: token ids and images cannot be."""
+    if cfg.resample.method != "none" and input_kind != "features":
+        raise ValueError(
+            f"resample.method={cfg.resample.method!r} needs feature-vector inputs, but "
+            f"data.source={cfg.data.source!r} gives {input_kind!r} inputs"
+            + (" (data.text.encoder: glove)" if cfg.data.source == "sts-b-dir" else "")
+            + ". Use data.text.encoder: minilm (frozen sentence-embedding features) for "
+              "sts-b-dir, a table or synthetic source, or set resample.method: none."
+        )
 
 
 def load_source(cfg) -> SourceData:
@@ -345,6 +362,23 @@ class PreparedData:
                     for s, ds in self.base_datasets.items()}
         return dataclasses.replace(self, datasets=datasets, bin_weights=weights)
 
+    def resample_params(self) -> dict[str, Any]:
+        """``{"resample.train_rows": .., "resample.few_rows": .., ...}`` for the MLflow run:
+        training rows before and after resampling, in all and per shot region (the regions of
+        the original counts). Empty when nothing was resampled."""
+        info = self.meta.get("resample")
+        if not info:
+            return {}
+        original = np.asarray(info["original_counts"], dtype=np.int64)
+        out = {"resample.original_rows": int(original.sum()),
+               "resample.train_rows": int(self.train_counts.sum()),
+               "resample.regions": len(info["regions"])}
+        for shot in SHOTS:
+            idx = self.shots.bins_of(shot)
+            out[f"resample.{shot}_rows"] = int(self.train_counts[idx].sum())
+            out[f"resample.original_{shot}_rows"] = int(original[idx].sum())
+        return out
+
     def model_info(self) -> dict[str, Any]:
         """JSON-safe description of the inputs for the model and its logged pyfunc:
         raw columns -> encoder -> (x - mean) / std -> model."""
@@ -382,7 +416,7 @@ def _fingerprint(path: str) -> Any:
 def cache_key(cfg) -> str:
     """Hash of what determines the prepared splits: the data section (minus cache_dir and
     the sub-sections of other sources; the encoder is part of the text section), the bins
-    section and the data files' size / mtime."""
+    section, the resample section when it resamples, and the data files' size / mtime."""
     data = dataclasses.asdict(cfg.data)
     keep = {k: v for k, v in data.items() if not isinstance(v, dict) and k != "cache_dir"}
     section = SOURCE_SECTIONS.get(cfg.data.source)
@@ -390,6 +424,8 @@ def cache_key(cfg) -> str:
         keep[section] = data[section]
     payload = {"version": CACHE_VERSION, "data": keep, "bins": dataclasses.asdict(cfg.bins),
                "files": _fingerprint(cfg.data.path)}
+    if cfg.resample.method != "none":
+        payload["resample"] = dataclasses.asdict(cfg.resample)
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -474,6 +510,25 @@ def prepare(cfg, *, log: Callable[[str], Any] = print) -> PreparedData:
                 f"column '{FEATURES}' of split '{s}' holds {st.feature_nonfinite} NaN / inf "
                 f"value(s) (missing values in the feature columns?); fill or drop them first."
             )
+    # [2b] resample the training split, then redo [2] on it
+    splits = dict(source.splits)
+    resampled = None
+    if cfg.resample.method != "none":
+        check_resample_input(cfg, source.input_kind)
+        from raydir.data.resample import resample_dataset
+
+        t1 = time.perf_counter()
+        splits["train"], plan = resample_dataset(splits["train"], cfg.resample,
+                                                 seed=cfg.data.seed, log=log)
+        original = stats["train"].counts
+        stats["train"] = split_stats(splits["train"], bins, features=features)
+        st = stats["train"]
+        if bins.out_of_range == "error" and st.below + st.above:  # SMOGN noise can cross an edge
+            raise ValueError(_outside_message(st, bins, TARGET, "train (resampled)"))
+        resampled = {**plan.summary(), "original_counts": original.tolist()}
+        log(f"resample.method={cfg.resample.method}: train {resampled['original_rows']:,} -> "
+            f"{int(st.counts.sum()):,} rows over {len(plan.regions)} target regions "
+            f"({time.perf_counter() - t1:.1f} s)")
     mean = std = None
     if features is not None:
         mean = stats["train"].feature_mean
@@ -485,7 +540,7 @@ def prepare(cfg, *, log: Callable[[str], Any] = print) -> PreparedData:
             std = np.where(std > 0, std, 1.0)
 
     # [3] map
-    mapped = {s: source.splits[s].map_batches(
+    mapped = {s: splits[s].map_batches(
         FinalizeBatch(bins, source.input_columns, mean, std, drop_nonfinite=bool(stats[s].nonfinite)),
         batch_format="numpy") for s in SPLITS}
     counts = {s: stats[s].counts for s in SPLITS}
@@ -503,7 +558,9 @@ def prepare(cfg, *, log: Callable[[str], Any] = print) -> PreparedData:
         "input_columns": list(source.input_columns),
         "raw_columns": list(source.raw_columns),
         "meta": _json_safe(source.meta),
-        "config": {"data": dataclasses.asdict(cfg.data), "bins": dataclasses.asdict(cfg.bins)},
+        "resample": resampled,
+        "config": {"data": dataclasses.asdict(cfg.data), "bins": dataclasses.asdict(cfg.bins),
+                   "resample": dataclasses.asdict(cfg.resample)},
     }
 
     # [4] cache
@@ -530,7 +587,11 @@ def _assemble(cfg, manifest: dict, base: dict[str, Any], log: Callable, entry: P
         d = manifest["default_shots"]
         default_shots = ShotRegions.from_lists(bins.num_bins, many=d["many"], medium=d["medium"],
                                                few=d["few"])
-    shots = resolve_shots(cfg.shots, default_shots, counts["train"], bins)
+    resampled = manifest.get("resample")
+    # Shot regions come from the original training counts even after resampling.
+    shot_counts = counts["train"] if not resampled else \
+        np.asarray(resampled["original_counts"], dtype=np.int64)
+    shots = resolve_shots(cfg.shots, default_shots, shot_counts, bins)
     # [5] weight
     weights = compute_bin_weights(counts["train"], cfg.reweight, log)
     datasets = {s: base[s].map_batches(AddWeight(weights), batch_format="numpy") for s in SPLITS}
@@ -538,7 +599,7 @@ def _assemble(cfg, manifest: dict, base: dict[str, Any], log: Callable, entry: P
     std = manifest.get("feature_std")
     meta = dict(manifest.get("meta") or {})
     meta.update({"cache_dir": None if entry is None else str(entry),
-                 "dropped": manifest.get("dropped", {})})
+                 "dropped": manifest.get("dropped", {}), "resample": resampled})
     return PreparedData(
         datasets=datasets, bins=bins, shots=shots, train_counts=counts["train"],
         bin_weights=weights,
@@ -561,6 +622,13 @@ def format_prepare_report(prepared: PreparedData, *, max_lines: int = 25, width:
     dropped = {s: n for s, n in prepared.meta.get("dropped", {}).items() if n}
     if dropped:
         lines.append(f"dropped (non-finite target): {dropped}")
+    rs = prepared.resample_params()
+    if rs:
+        shots = ", ".join(f"{shot} {rs[f'resample.original_{shot}_rows']:,} -> "
+                          f"{rs[f'resample.{shot}_rows']:,}" for shot in SHOTS)
+        lines.append(f"resample ({prepared.meta['resample']['method']}): train "
+                     f"{rs['resample.original_rows']:,} -> {rs['resample.train_rows']:,} rows "
+                     f"({shots})")
 
     counts = prepared.train_counts
     group = max(1, -(-b.num_bins // max_lines))

@@ -1,0 +1,164 @@
+"""Epoch time of vanilla vs FDS (statistics gathered in-flight vs by an extra pass), and
+training throughput with 1 vs 2 Ray Train workers, side by side in one run.
+
+Every variant is a full ``raydir.train.run_training`` on the same synthetic data (prepared
+once, then read from the Parquet cache), one local Ray instance and a throw-away SQLite
+MLflow store:
+
+* ``vanilla``         plain MLP, ``--workers`` workers;
+* ``fds_inflight``    FDS, statistics from the epoch's own forward passes (``fds.gather=inflight``);
+* ``fds_extra_pass``  FDS, statistics from a separate no-grad pass after each epoch (the
+                      reference code's way, ``fds.gather=extra_pass``);
+* ``vanilla_1w``      plain MLP on 1 worker (throughput scaling).
+
+Epoch time is the median of the per-epoch ``epoch_seconds`` MLflow metric over epochs
+1..E-1 (epoch 0 carries the warm-up: first Ray Data execution, DDP setup). It spans the
+training pass, the FDS update (and extra pass) and the validation pass, i.e. what a user
+waits for per epoch. Throughput = training rows / median epoch time. The variants run
+``--rounds`` times in interleaved order (A B C D A B C D ...) so that a load change on a
+shared machine hits all of them; the table reports the median over rounds. The load average
+is recorded before and after, because timings on a shared 2-core machine move with it.
+
+    python -m benchmarks.bench_train_epoch [--rows 20000] [--features 32] [--epochs 5]
+                                           [--workers 2] [--rounds 1]
+
+Prints a table and writes JSON to benchmarks/results/train_epoch_<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGET_INFLIGHT_OVERHEAD = 0.10  # issue 4: in-flight FDS within 10% of vanilla
+
+
+def variants(workers: int) -> dict[str, dict]:
+    fds = {"enabled": True, "start_update": 0, "start_smooth": 1}
+    return {
+        "vanilla": {"train": {"num_workers": workers}},
+        "fds_inflight": {"train": {"num_workers": workers}, "fds": {**fds, "gather": "inflight"}},
+        "fds_extra_pass": {"train": {"num_workers": workers}, "fds": {**fds, "gather": "extra_pass"}},
+        "vanilla_1w": {"train": {"num_workers": 1}},
+    }
+
+
+def build_config(args, work: Path, name: str, over: dict):
+    from raydir.config import Config
+
+    raw = {
+        "data": {"source": "synthetic", "cache_dir": str(work / "cache"), "seed": 0,
+                 "synthetic": {"n_train": args.rows, "num_features": args.features,
+                               "per_bin_eval": args.per_bin_eval, "distribution": "age"}},
+        "model": {"kind": "mlp", "hidden": [128, 128], "feature_dim": 64},
+        "reweight": {"scheme": "none"},
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": 1024,
+                  "cpus_per_worker": 1.0, "storage_path": str(work / "ray_results"), "seed": 0},
+        "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": "bench_train_epoch",
+                     "run_name": name, "log_model": False},
+    }
+    for section, values in over.items():
+        raw.setdefault(section, {}).update(values)
+    return Config.from_dict(raw)
+
+
+def epoch_seconds(uri: str, run_id: str) -> list[float]:
+    from mlflow.tracking import MlflowClient
+
+    hist = MlflowClient(uri).get_metric_history(run_id, "epoch_seconds")
+    return [m.value for m in sorted(hist, key=lambda m: m.step)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=20_000)
+    p.add_argument("--features", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--per-bin-eval", type=int, default=10, help="val / test rows per bin")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of all variants")
+    p.add_argument("--only", nargs="*", help="subset of variants")
+    args = p.parse_args(argv)
+
+    import ray
+
+    from raydir.train import run_training
+
+    load_before = os.getloadavg()
+    ray.init(num_cpus=max(os.cpu_count() or 1, args.workers + 2), include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    todo = {k: v for k, v in variants(args.workers).items() if not args.only or k in args.only}
+    runs: dict[str, list[dict]] = {k: [] for k in todo}
+    with tempfile.TemporaryDirectory(prefix="bench_train_epoch_") as d:
+        work = Path(d)
+        for rnd in range(args.rounds):
+            for name, over in todo.items():
+                cfg = build_config(args, work, name, over)
+                t0 = time.perf_counter()
+                out = run_training(cfg, log=lambda m: None)
+                wall = time.perf_counter() - t0
+                secs = epoch_seconds(f"sqlite:///{work / 'mlflow.db'}", out["run_id"])
+                steady = secs[1:] or secs
+                med = statistics.median(steady)
+                runs[name].append({"round": rnd, "epoch_seconds": secs, "median_s": med,
+                                   "rows_per_s": args.rows / med, "wall_s": wall,
+                                   "test_mae": out["test"]["overall"]["mae"],
+                                   "load_avg_1m": os.getloadavg()[0]})
+                print(f"[round {rnd}] {name:15s} median epoch {med:6.2f} s  "
+                      f"epochs {[round(s, 2) for s in secs]}  wall {wall:.0f} s  "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
+    ray.shutdown()
+    load_after = os.getloadavg()
+
+    summary = {}
+    for name, rs in runs.items():
+        med = statistics.median(r["median_s"] for r in rs)
+        summary[name] = {"median_epoch_s": med, "rows_per_s": args.rows / med,
+                         "workers": todo[name]["train"]["num_workers"]}
+    if "vanilla" in summary:
+        base = summary["vanilla"]["median_epoch_s"]
+        for name in summary:
+            summary[name]["vs_vanilla"] = summary[name]["median_epoch_s"] / base - 1.0
+    print()
+    print(f"{args.rows:,} train rows x {args.features} features, MLP, {args.epochs} epochs, "
+          f"batch {args.batch_size}/worker, median over epochs 1..{args.epochs - 1} and "
+          f"{args.rounds} round(s)")
+    print(f"{'variant':16s}{'workers':>8s}{'epoch s':>10s}{'rows/s':>10s}{'vs vanilla':>12s}")
+    for name, s in summary.items():
+        vs = f"{100 * s['vs_vanilla']:+.1f}%" if "vs_vanilla" in s else ""
+        print(f"{name:16s}{s['workers']:>8d}{s['median_epoch_s']:>10.2f}{s['rows_per_s']:>10.0f}{vs:>12s}")
+    verdict = None
+    if "fds_inflight" in summary and "vanilla" in summary:
+        over = summary["fds_inflight"]["vs_vanilla"]
+        verdict = over <= TARGET_INFLIGHT_OVERHEAD
+        print(f"in-flight FDS overhead {100 * over:+.1f}% (target <= "
+              f"{100 * TARGET_INFLIGHT_OVERHEAD:.0f}%): {'met' if verdict else 'NOT met'}")
+    if "vanilla" in summary and "vanilla_1w" in summary:
+        print(f"2-worker / 1-worker throughput: "
+              f"{summary['vanilla']['rows_per_s'] / summary['vanilla_1w']['rows_per_s']:.2f}x")
+    print(f"load average (1, 5, 15 min): before {tuple(round(v, 1) for v in load_before)}, "
+          f"after {tuple(round(v, 1) for v in load_after)}; {os.cpu_count()} CPUs")
+
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"train_epoch_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({
+        "args": vars(args), "summary": summary, "runs": runs, "inflight_target_met": verdict,
+        "load_avg_before": load_before, "load_avg_after": load_after,
+        "cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+    }, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

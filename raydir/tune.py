@@ -1,0 +1,734 @@
+"""Ray Tune sweeps over LDS / FDS / Focal-R settings, tracked in MLflow; the best is registered.
+
+One sweep = one Tune experiment = one MLflow parent run. Each trial is a small driver
+function that builds the same ``TorchTrainer`` as ``raydir train`` (its own workers,
+reporting into Tune through a ``TuneReportCallback``) and owns one nested MLflow child run.
+The data are prepared once on the sweep's driver; a trial only recomputes the per-bin weights
+of its own reweight section.
+
+The tune section of the config (``raydir.config.TuneConfig``)::
+
+    tune:
+      space:                                  # swept key -> one spec
+        reweight.ks: {grid: [3, 5, 7]}        # every value (grid searcher: all combinations)
+        fds.sigma: {uniform: [1, 3]}          # random / model-based searchers draw from ranges
+        loss.focal_beta: {choice: [0.2, 1]}   # grid: enumerated; random: drawn
+      searcher: grid                          # grid | random | optuna | hyperopt (if installed)
+      metric: mae+few_mae                     # mean of val MAE and val few-shot MAE
+      scheduler: asha                         # stop poor trials early (grace period, reduction factor)
+
+A trial is ranked by its metric at the epoch whose weights it tests (``train.select_metric``
+picks that epoch), so the registered model and the number compared are the same model's.
+Re-running the same command (same config, so the same ``raydir-tune-<hash>`` name) resumes
+the sweep with ``Tuner.restore``: finished trials are kept, unfinished ones run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from raydir.config import SPACE_KINDS, Config, tune_metric_mode
+
+OBJECTIVE = "objective"          # the sweep metric of one epoch, as Tune sees it
+EPOCHS_DONE = "epochs_done"      # ASHA's time axis (survives a trial's resume, unlike iterations)
+RUN_ID = "mlflow_run_id"         # the trial's child run, on every result
+DATA_CPU = 1.0                   # per running trial, kept free for its Ray Data ingest
+TRIAL_DRIVER_CPU = 0.01          # the trial function only waits on its TorchTrainer
+MAX_CHECKED_COMBINATIONS = 10_000
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start as configured (caught by the CLI, printed, exit code 2)."""
+
+
+# -- the metric --------------------------------------------------------------------------------
+def metric_terms(metric: str) -> list[str]:
+    return [t.strip() for t in metric.split("+")]
+
+
+def metric_value(values: dict[str, float], metric: str, prefix: str = "val") -> float:
+    """Mean of the metric's terms read from flat metrics (``val_mae``, ``val_few_mae``, ...).
+
+    A shot region with no validation rows has NaN metrics; its term falls back to the overall
+    metric of the same kind (what ``train.select_metric=few_mae`` does too).
+    """
+    out = []
+    for term in metric_terms(metric):
+        value = values.get(f"{prefix}_{term}", math.nan)
+        if value is None or math.isnan(float(value)):
+            value = values.get(f"{prefix}_{term.split('_')[-1]}", math.nan)
+        out.append(float(value))
+    return float(sum(out) / len(out))
+
+
+def metric_mode(cfg: Config) -> str:
+    return tune_metric_mode(cfg.tune.metric) if cfg.tune.mode == "auto" else cfg.tune.mode
+
+
+def _better(a: float, b: float, mode: str) -> bool:
+    return a < b if mode == "min" else a > b
+
+
+# -- the search space ----------------------------------------------------------------------
+def normalized_space(cfg: Config) -> dict[str, tuple[str, list]]:
+    """``{key: (kind, values)}``; a bare list is a grid. Raises when there is nothing to sweep."""
+    space = cfg.tune.space
+    if not space:
+        raise SweepError(
+            "'tune.space' is empty: nothing to sweep. Add at least one key, e.g. "
+            "tune.space: {reweight.ks: {grid: [3, 5, 7]}} (or --set 'tune.space.fds.sigma={uniform: [1, 3]}')."
+        )
+    out = {}
+    for key, spec in space.items():
+        if isinstance(spec, (list, tuple)):
+            spec = {"grid": list(spec)}
+        kind, values = next(iter(spec.items()))
+        out[key] = (kind, list(values))
+    return out
+
+
+def search_space(cfg: Config) -> dict[str, Any]:
+    """The Tune ``param_space``: flat dotted keys -> Tune domains."""
+    from ray import tune
+
+    out = {}
+    for key, (kind, values) in normalized_space(cfg).items():
+        if kind == "grid" or (kind == "choice" and cfg.tune.searcher == "grid"):
+            out[key] = tune.grid_search(values)
+        elif kind == "choice":
+            out[key] = tune.choice(values)
+        elif kind == "uniform":
+            out[key] = tune.uniform(*values)
+        elif kind == "loguniform":
+            out[key] = tune.loguniform(*values)
+        else:  # randint: inclusive of both ends, like the config says [lo, hi]
+            out[key] = tune.randint(int(values[0]), int(values[1]) + 1)
+        assert kind in SPACE_KINDS
+    return out
+
+
+def check_trial_values(cfg: Config) -> int:
+    """Every value a trial can take makes a valid config, checked before any trial starts.
+
+    Discrete spaces are checked combination by combination (up to 10,000); ranges at their
+    ends. Returns the number of trials of a grid sweep (0 when the space has ranges).
+    """
+    space = normalized_space(cfg)
+    discrete = {k: v for k, (kind, v) in space.items() if kind in ("grid", "choice")}
+    ranged = {k: v for k, (kind, v) in space.items() if kind not in ("grid", "choice")}
+    n = math.prod(len(v) for v in discrete.values())
+    combos = (itertools.product(*discrete.values()) if n <= MAX_CHECKED_COMBINATIONS
+              else ([v] for vals in discrete.values() for v in vals))
+    keys = list(discrete)
+    for combo in combos:
+        trial = dict(zip(keys, combo)) if n <= MAX_CHECKED_COMBINATIONS else {}
+        _check_one(cfg, trial)
+    for key, (lo, hi) in ranged.items():
+        ends = [lo, hi] + ([lo + 1] if space[key][0] == "randint" else [])
+        for v in ends:
+            _check_one(cfg, {key: int(v) if space[key][0] == "randint" else v})
+    if cfg.tune.scheduler == "asha" and cfg.tune.grace_period > _total_epochs(cfg):
+        raise SweepError(
+            f"'tune.grace_period' ({cfg.tune.grace_period}) exceeds the epochs a trial runs "
+            f"({_total_epochs(cfg)}); lower it or raise train.epochs."
+        )
+    return n * cfg.tune.num_samples if not ranged else 0
+
+
+def expected_trials(cfg: Config) -> int:
+    """How many trials the sweep creates in all (grid dimensions multiply ``num_samples``)."""
+    n = cfg.tune.num_samples
+    for kind, values in normalized_space(cfg).values():
+        if kind == "grid" or (kind == "choice" and cfg.tune.searcher == "grid"):
+            n *= len(values)
+    return n
+
+
+def _check_one(cfg: Config, values: dict) -> None:
+    try:
+        cfg.with_overrides(values)
+    except ValueError as exc:
+        raise SweepError(f"the trial {values} would not be a valid config: {exc}") from None
+
+
+def _total_epochs(cfg: Config) -> int:
+    return cfg.train.epochs + (cfg.rrt.epochs if cfg.rrt.enabled else 0)
+
+
+# -- resources -----------------------------------------------------------------------------
+def trial_resources(cfg: Config) -> dict[str, float]:
+    t = cfg.train
+    return {"CPU": t.num_workers * t.cpus_per_worker, "GPU": float(t.num_workers if t.use_gpu else 0)}
+
+
+def check_resources(cfg: Config, cluster: dict[str, float], log: Callable = print) -> int:
+    """Fail before the sweep when one trial cannot fit the cluster; return how many trials
+    run at once (``tune.max_concurrent_trials``, capped at what fits)."""
+    t = cfg.train
+    need = trial_resources(cfg)
+    have_cpu, have_gpu = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
+    if need["CPU"] + DATA_CPU > have_cpu or need["GPU"] > have_gpu:
+        raise SweepError(
+            f"one trial needs {need['CPU']:g} CPUs (train.num_workers={t.num_workers} x "
+            f"train.cpus_per_worker={t.cpus_per_worker:g}) plus {DATA_CPU:g} CPU for Ray Data "
+            f"ingest, and {need['GPU']:g} GPUs (train.use_gpu={t.use_gpu}), but the Ray cluster has "
+            f"{have_cpu:g} CPUs and {have_gpu:g} GPUs. Lower train.num_workers or "
+            f"train.cpus_per_worker, or add nodes (an autoscaling cluster: start with enough)."
+        )
+    # Every running trial streams its own data: each needs a CPU for Ray Data beside its
+    # workers, or the ingest of one trial starves behind the workers of the others.
+    fits = math.floor(have_cpu / (need["CPU"] + DATA_CPU))
+    if need["GPU"]:
+        fits = min(fits, math.floor(have_gpu / need["GPU"]))
+    want = cfg.tune.max_concurrent_trials
+    if want and want > fits:
+        log(f"tune.max_concurrent_trials={want} but only {fits} trial(s) fit the cluster at once "
+            f"({have_cpu:g} CPUs, {have_gpu:g} GPUs); running {fits} at a time.")
+    return max(1, min(want, fits) if want else fits)
+
+
+# -- the sweep's identity ----------------------------------------------------------------------
+def sweep_name(cfg: Config) -> str:
+    """``tune.name``, or ``raydir-tune-<hash>`` of everything that defines the sweep: the same
+    command resolves to the same experiment (and resumes it)."""
+    if cfg.tune.name:
+        return cfg.tune.name
+    raw = cfg.to_dict()
+    for key in ("name", "storage_path"):
+        raw["tune"].pop(key)
+    text = json.dumps(raw, sort_keys=True, default=str)
+    return f"raydir-tune-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def storage_root(cfg: Config) -> str:
+    root = cfg.tune.storage_path or cfg.train.storage_path or "~/ray_results"
+    return root if "://" in root else str(Path(root).expanduser().resolve())
+
+
+# -- trial side ------------------------------------------------------------------------------
+def _report_callback(metric: str, run_id: str):
+    """A ``TuneReportCallback`` that adds the sweep metric, ASHA's epoch axis and the child run."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class _SweepReport(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            first = dict(metrics[0])
+            first[RUN_ID] = run_id
+            if "final" in first:  # the test result: ranked by its tested epoch, no ASHA time
+                first[OBJECTIVE] = metric_value(
+                    {k[len("best_"):]: v for k, v in first.items() if k.startswith("best_val_")}, metric)
+            else:
+                first[OBJECTIVE] = metric_value(first, metric)
+                first[EPOCHS_DONE] = int(first["epoch"]) + 1
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+    return _SweepReport()
+
+
+def _child_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, sweep: str, values: dict):
+    """This trial's nested run: reopened when the trial is resumed, else created."""
+    from mlflow.tracking import MlflowClient
+
+    from raydir import tracking
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    found = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`raydir.trial_id` = '{trial_id}'",
+        max_results=1)
+    if found:
+        return tracking.start_run(uri, cfg, resume=found[0].info.run_id), True
+    run = tracking.start_run(uri, cfg)
+    for key, value in {"mlflow.parentRunId": parent_run_id, "raydir.trial_id": trial_id,
+                       "raydir.sweep": sweep, "raydir.role": "trial",
+                       **{f"raydir.swept.{k}": str(v) for k, v in values.items()}}.items():
+        client.set_tag(run.run_id, key, value)
+    return run, False
+
+
+def _trial_fn(values: dict, *, base: dict, prepared, info: dict, uri: str, parent_run_id: str,
+              sweep: str, train_storage: str) -> None:
+    """One Tune trial: its config, child run, a TorchTrainer with its own workers, and the
+    finished child run (test metrics, artifacts, the model when ``tune.log_models``)."""
+    import ray.tune
+
+    from raydir import tracking
+    from raydir.train import build_trainer, derived_params, load_final
+
+    ctx = ray.tune.get_context()
+    trial_id = ctx.get_trial_id()
+    label = ",".join(f"{k}={_fmt(v)}" for k, v in values.items())
+    cfg = Config.from_dict(base).with_overrides(
+        {**values, "tracking.run_name": f"{trial_id} {label}"[:250], "tracking.register_name": "",
+         "tracking.log_model": Config.from_dict(base).tune.log_models})
+    run, resumed = _child_run(uri, cfg, parent_run_id, trial_id, sweep, values)
+    trial_prepared = prepared.reweighted(cfg.reweight, log=lambda _msg: None)
+    if not resumed:
+        from mlflow.tracking import MlflowClient
+
+        from mlflow.entities import Param
+
+        MlflowClient(uri).log_batch(run.run_id, params=[
+            Param(k, str(v)) for k, v in derived_params(cfg, trial_prepared).items()])
+        tracking.log_data_artifacts(uri, run.run_id, cfg, trial_prepared)
+    trainer = build_trainer(cfg, trial_prepared, info, tracking_uri=uri, run_id=run.run_id,
+                            name=trial_id, storage_path=train_storage,
+                            callbacks=[_report_callback(cfg.tune.metric, run.run_id)])
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except BaseException:
+        tracking.end_run(uri, run.run_id, status="FAILED")
+        raise
+    final, per_bin = load_final(result.checkpoint)
+    out = tracking.finish_run(uri, run.run_id, cfg, trial_prepared, info, final, per_bin)
+    best = next(h for h in final["history"] if h["epoch"] == final["best_epoch"])
+    ray.tune.report({"trial_finished": 1, RUN_ID: run.run_id, "best_epoch": final["best_epoch"],
+                     OBJECTIVE: metric_value(best, cfg.tune.metric),
+                     **{f"best_{k}": v for k, v in best.items() if k.startswith("val_")},
+                     "test_json": json.dumps(out["test"], default=float)})
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# -- driver side -----------------------------------------------------------------------------
+class _InterruptAfter:
+    """Test hook: deliver SIGUSR1 (what Ctrl+C does to Tune) after ``n`` trials complete.
+
+    Tune pickles its callbacks with the experiment and restores them on resume: a marker file
+    makes the interruption happen once per experiment.
+    """
+
+    def __new__(cls, n: int, marker: str):
+        from ray import tune
+
+        class _Cb(tune.Callback):
+            def __init__(self):
+                self.done = 0
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self.done += 1
+                if self.done == n and not os.path.exists(marker):
+                    Path(marker).parent.mkdir(parents=True, exist_ok=True)
+                    Path(marker).write_text(f"interrupted after {n} trial(s)")
+                    os.kill(os.getpid(), signal.SIGUSR1)
+
+        return _Cb()
+
+
+def _searcher(cfg: Config, metric: str, mode: str, concurrency: int):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    t = cfg.tune
+    if t.searcher in ("grid", "random"):  # a SearchGenerator takes its concurrency cap itself
+        return BasicVariantGenerator(max_concurrent=concurrency, random_state=t.seed)
+    grids = [k for k, (kind, _) in normalized_space(cfg).items() if kind == "grid"]
+    if grids:
+        raise SweepError(f"tune.searcher={t.searcher} cannot take grid dimensions {grids}; "
+                         f"give them as {{choice: [..]}}.")
+    try:
+        if t.searcher == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            return OptunaSearch(metric=metric, mode=mode, seed=t.seed)
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        return HyperOptSearch(metric=metric, mode=mode, random_state_seed=t.seed)
+    except (ImportError, AssertionError) as exc:
+        raise SweepError(f"tune.searcher={t.searcher} needs the {t.searcher} package, which is "
+                         f"not installed ({exc}). `pip install {t.searcher}`, or use grid / random.") from None
+
+
+def _scheduler(cfg: Config):
+    if cfg.tune.scheduler == "none":
+        return None
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    # The last epoch is not a rung (stop_last_trials=False): a surviving trial always gets to
+    # its final test evaluation and logged model.
+    return AsyncHyperBandScheduler(time_attr=EPOCHS_DONE, max_t=_total_epochs(cfg),
+                                   grace_period=cfg.tune.grace_period,
+                                   reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
+
+
+def _parent_run(uri: str, cfg: Config, sweep: str, path: str, restoring: bool, log: Callable):
+    from mlflow.tracking import MlflowClient
+
+    from raydir import tracking
+
+    client = MlflowClient(uri)
+    if restoring:
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        found = client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`raydir.sweep_path` = '{path}'",
+            order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+        if found:
+            log(f"resuming sweep '{sweep}' (MLflow parent run {found[0].info.run_id})")
+            return tracking.start_run(uri, cfg, resume=found[0].info.run_id)
+    pcfg = cfg.with_overrides({"tracking.run_name": cfg.tracking.run_name or sweep})
+    run = tracking.start_run(uri, pcfg)
+    for key, value in {"raydir.role": "sweep", "raydir.sweep": sweep, "raydir.sweep_path": path,
+                       "raydir.metric": cfg.tune.metric}.items():
+        client.set_tag(run.run_id, key, value)
+    return run
+
+
+def run_sweep(cfg: Config, *, log: Callable[[str], Any] = print,
+              _interrupt_after: int | None = None) -> dict:
+    """Run (or resume) the sweep described by ``cfg.tune``; returns the result dict.
+
+    Order: config values and the tracking store are checked, Ray started, the trial's
+    resources checked against ``ray.cluster_resources()``, the data prepared once, the parent
+    run opened, the Tuner fitted (or restored), then the trial table, plot, registration and
+    alias decision.
+    """
+    import ray
+    from ray import tune
+
+    from raydir import tracking
+    from raydir.data.pipeline import cache_key, prepare
+    from raydir.train import ensure_ray, model_info
+
+    started = time.perf_counter()
+    n_grid = check_trial_values(cfg)
+    mode = metric_mode(cfg)
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.check_tracking_uri(uri)  # before any Ray or data work
+    ensure_ray(trial_resources(cfg)["CPU"] + DATA_CPU)
+    concurrency = check_resources(cfg, ray.cluster_resources(), log)
+
+    sweep, root = sweep_name(cfg), storage_root(cfg)
+    path = f"{root.rstrip('/')}/{sweep}"
+    restoring = tune.Tuner.can_restore(path)
+    prepared = prepare(cfg, log=log)
+    info = model_info(cfg, prepared)
+    parent = _parent_run(uri, cfg, sweep, path, restoring, log)
+    if not restoring:
+        tracking.log_data_artifacts(uri, parent.run_id, cfg, prepared)
+    log(f"sweep '{sweep}': {n_grid or cfg.tune.num_samples} trial(s), {concurrency} at a time, "
+        f"metric val {cfg.tune.metric} ({mode}); MLflow parent run {parent.run_id}; Tune "
+        f"experiment {path}")
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial_fn, base=cfg.to_dict(), prepared=prepared, info=info, uri=uri,
+                             parent_run_id=parent.run_id, sweep=sweep,
+                             train_storage=f"{path}/train_runs"),
+        {"CPU": TRIAL_DRIVER_CPU})
+    callbacks = [_InterruptAfter(_interrupt_after, f"{root}/.{sweep}.interrupted")] if _interrupt_after else []
+    run_config = tune.RunConfig(name=sweep, storage_path=root, callbacks=callbacks, verbose=1)
+    if restoring:
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
+                                   restart_errored=True)
+    else:
+        search_alg = _searcher(cfg, OBJECTIVE, mode, concurrency)
+        tuner = tune.Tuner(
+            trainable, param_space=search_space(cfg),
+            tune_config=tune.TuneConfig(
+                metric=OBJECTIVE, mode=mode, num_samples=cfg.tune.num_samples,
+                search_alg=search_alg, scheduler=_scheduler(cfg),
+                max_concurrent_trials=None if cfg.tune.searcher in ("grid", "random") else concurrency),
+            run_config=run_config)
+    grid = tuner.fit()
+
+    rows = trial_rows(grid, list(normalized_space(cfg)), cfg.tune.metric, mode)
+    unfinished = [r for r in rows if r["status"] == "unfinished"]
+    # An interruption leaves trials unfinished, or trials the searcher has not created yet.
+    interrupted = bool(unfinished) or len(rows) < expected_trials(cfg)
+    out = {"sweep": sweep, "experiment_path": path, "parent_run_id": parent.run_id,
+           "metric": cfg.tune.metric, "mode": mode, "trials": rows, "interrupted": interrupted,
+           "wall_seconds": time.perf_counter() - started}
+    if interrupted:
+        log(f"sweep '{sweep}' interrupted: {len(rows) - len(unfinished)} of "
+            f"{expected_trials(cfg)} trial(s) ended. Re-run the same command to resume it.")
+        tracking.end_run(uri, parent.run_id, status="KILLED")
+        return out
+    _close_stopped_runs(uri, rows)
+    _log_sweep_artifacts(uri, parent.run_id, rows, list(normalized_space(cfg)), cfg.tune.metric)
+    done = [r for r in rows if r["status"] == "completed"]
+    if not done:
+        tracking.end_run(uri, parent.run_id, status="FAILED")
+        raise RuntimeError(f"sweep '{sweep}': no trial completed ({len(rows)} trials; see "
+                           f"{path} and the child runs of MLflow run {parent.run_id}).")
+    best = done[0]
+    for r in done[1:]:
+        if _better(r["objective"], best["objective"], mode):
+            best = r
+    out["best"] = best
+    out["test"] = best.pop("_test")
+    for r in rows:
+        r.pop("_test", None)
+    log(f"best trial {best['trial_id']}: val {cfg.tune.metric} = {best['objective']:.4f} with "
+        + ", ".join(f"{k}={_fmt(best[k])}" for k in normalized_space(cfg)))
+    reg = register_best(uri, cfg, best, data_key=cache_key(cfg), sweep_run_id=parent.run_id,
+                        mode=mode, log=log)
+    out.update(reg)
+    _finish_parent(uri, parent.run_id, out, rows)
+    out["wall_seconds"] = time.perf_counter() - started
+    return out
+
+
+def trial_rows(grid, keys: list[str], metric: str, mode: str) -> list[dict]:
+    """One row per trial: swept values, status, the metric it is ranked by and test metrics.
+
+    ``completed``: trained, tested and logged. ``stopped_early``: ASHA ended it (its metric is
+    its best reported epoch). ``error``: it raised. ``unfinished``: the sweep was interrupted.
+    """
+    import pandas as pd
+
+    # Trial status as saved in the experiment state: after an interruption Tune stops the
+    # running trials in memory, but the saved state (what a restore resumes) keeps them
+    # RUNNING / PENDING.
+    from ray.tune import ExperimentAnalysis
+
+    statuses = {t.trial_id: t.status for t in ExperimentAnalysis(grid.experiment_path).trials}
+    rows = []
+    for res in grid:
+        m = res.metrics or {}
+        trial_id = m.get("trial_id") or Path(res.path).name
+        status = statuses.get(trial_id, "TERMINATED")
+        hist = res.metrics_dataframe if res.metrics_dataframe is not None else pd.DataFrame()
+        row = {"trial_id": trial_id, RUN_ID: m.get(RUN_ID) or _last(hist, RUN_ID),
+               **{k: res.config.get(k) for k in keys}}
+        if m.get("trial_finished"):
+            test = json.loads(m["test_json"])
+            row.update(status="completed", stopped_early=False, objective=m[OBJECTIVE],
+                       best_epoch=m["best_epoch"],
+                       **{k[len("best_"):]: v for k, v in m.items() if k.startswith("best_val_")},
+                       **{f"test_{'' if r == 'overall' else r + '_'}{n}": test[r][n]
+                          for r in test for n in ("mae", "mse", "gmean")},
+                       _test=test)
+        else:
+            row["status"] = ("error" if res.error is not None else
+                             "stopped_early" if status == "TERMINATED" else "unfinished")
+            row["stopped_early"] = row["status"] == "stopped_early"
+            if OBJECTIVE in hist:
+                epochs = hist.dropna(subset=[OBJECTIVE])
+                if len(epochs):
+                    pick = epochs[OBJECTIVE].idxmin() if mode == "min" else epochs[OBJECTIVE].idxmax()
+                    best = epochs.loc[pick]
+                    row.update(objective=float(best[OBJECTIVE]), best_epoch=int(best["epoch"]),
+                               **{c: float(best[c]) for c in epochs.columns
+                                  if c.startswith("val_") and c.count("_") <= 2})
+            if res.error is not None:
+                row["error"] = str(res.error).splitlines()[0][:300]
+        row[EPOCHS_DONE] = int(hist[EPOCHS_DONE].max()) if EPOCHS_DONE in hist and hist[EPOCHS_DONE].notna().any() else 0
+        rows.append(row)
+    rows.sort(key=lambda r: r["trial_id"])
+    return rows
+
+
+def _last(df, column: str):
+    if column in df and df[column].notna().any():
+        return df[column].dropna().iloc[-1]
+    return None
+
+
+def _close_stopped_runs(uri: str, rows: list[dict]) -> None:
+    """ASHA kills a stopped trial's workers mid-run: its child run is closed here."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for r in rows:
+        if r["status"] == "stopped_early" and r.get(RUN_ID):
+            client.set_tag(r[RUN_ID], "raydir.stopped_early", "true")
+            if client.get_run(r[RUN_ID]).info.status != "KILLED":
+                client.set_terminated(r[RUN_ID], status="KILLED")
+
+
+def trials_frame(rows: list[dict], keys: list[str]):
+    import pandas as pd
+
+    first = ["trial_id", "status", "stopped_early", *keys, OBJECTIVE, "best_epoch", EPOCHS_DONE, RUN_ID]
+    df = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
+    return df[[c for c in first if c in df] + [c for c in df if c not in first]]
+
+
+def plot_metric_vs_params(rows: list[dict], keys: list[str], metric: str, path: Path) -> None:
+    """One panel per swept key: the sweep metric of every trial against that key's value
+    (completed trials as dots, trials stopped early as crosses)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        values = [r.get(key) for r in rows]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        cats = sorted({str(v) for v in values})
+        for status, marker in (("completed", "o"), ("stopped_early", "x")):
+            pts = [(r.get(key), r[OBJECTIVE]) for r in rows
+                   if r["status"] == status and r.get(OBJECTIVE) is not None]
+            if not pts:
+                continue
+            xs = [p[0] if numeric else cats.index(str(p[0])) for p in pts]
+            ax.scatter(xs, [p[1] for p in pts], marker=marker, label=status.replace("_", " "))
+        if not numeric:
+            ax.set_xticks(range(len(cats)), cats)
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"val {metric}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _log_sweep_artifacts(uri: str, run_id: str, rows: list[dict], keys: list[str], metric: str) -> None:
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory() as d:
+        trials_frame(rows, keys).to_csv(Path(d) / "trials.csv", index=False)
+        plot_metric_vs_params(rows, keys, metric, Path(d) / "metric_vs_params.png")
+        MlflowClient(uri).log_artifacts(run_id, d)
+
+
+def _finish_parent(uri: str, run_id: str, out: dict, rows: list[dict]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    client.log_metric(run_id, "best_objective", float(out["best"][OBJECTIVE]))
+    client.log_metric(run_id, "trials", len(rows))
+    client.log_metric(run_id, "trials_stopped_early", sum(r["stopped_early"] for r in rows))
+    client.log_metric(run_id, "trials_failed", sum(r["status"] == "error" for r in rows))
+    client.set_tag(run_id, "raydir.best_run_id", out["best"][RUN_ID])
+    client.set_tag(run_id, "raydir.alias_decision", out["alias"]["message"][:5000])
+    client.set_terminated(run_id, status="FINISHED")
+
+
+# -- registry ---------------------------------------------------------------------------------
+def alias_decision(new_value: float, holder: dict | None, *, metric: str, data_key: str,
+                   mode: str) -> tuple[bool, str]:
+    """Whether the alias moves to a new version whose val ``metric`` is ``new_value``.
+
+    ``holder`` is the version holding the alias now, with its tags (``raydir.val_metric``,
+    ``raydir.val_value``, ``raydir.val_data``), or None. It moves only when there is no holder,
+    or the holder was scored on the same metric and the same validation data and the new
+    value is strictly better.
+    """
+    if holder is None:
+        return True, "no version holds it yet"
+    tags = holder.get("tags", {})
+    if tags.get("raydir.val_metric") != metric:
+        return False, (f"version {holder['version']} was not scored on val {metric} (its tag "
+                       f"raydir.val_metric is {tags.get('raydir.val_metric')!r}), so the two "
+                       f"cannot be compared")
+    if tags.get("raydir.val_data") != data_key:
+        return False, (f"version {holder['version']} was scored on other validation data "
+                       f"(data key {tags.get('raydir.val_data')!r}, this sweep {data_key!r})")
+    old = float(tags["raydir.val_value"])
+    if _better(new_value, old, mode):
+        return True, f"val {metric} {new_value:.4f} beats {old:.4f} of version {holder['version']}"
+    return False, (f"val {metric} {new_value:.4f} does not beat {old:.4f} of version "
+                   f"{holder['version']}")
+
+
+def register_best(uri: str, cfg: Config, best: dict, *, data_key: str, sweep_run_id: str,
+                  mode: str, log: Callable = print) -> dict:
+    """Register the best trial's model (once per run) and move the alias if it beats the holder."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    name, alias, metric = cfg.tracking.register_name, cfg.tune.alias, cfg.tune.metric
+    if not name:
+        msg = "tracking.register_name is empty: the best model is not registered and no alias moves."
+        log(msg)
+        return {"registered_model": {"name": None, "version": None},
+                "alias": {"name": alias, "moved": False, "message": msg}}
+    if not cfg.tune.log_models:
+        raise SweepError("tune.log_models is false, so the best trial has no model to register; "
+                         "set it true or leave tracking.register_name empty.")
+    client = MlflowClient(uri)
+    run_id = best[RUN_ID]
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        version = int(existing[0].version)
+    else:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        version = int(mlflow.register_model(f"runs:/{run_id}/model", name).version)
+    value = float(best[OBJECTIVE])
+    for key, tag in {"raydir.val_metric": metric, "raydir.val_value": repr(value),
+                     "raydir.val_data": data_key, "raydir.sweep_run_id": sweep_run_id}.items():
+        client.set_model_version_tag(name, str(version), key, tag)
+
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+        holder = {"version": int(mv.version), "run_id": mv.run_id, "tags": dict(mv.tags)}
+    except MlflowException:
+        holder = None
+    if holder is not None and holder["version"] == version:
+        moved, why = False, f"version {version} already holds it"
+    else:
+        moved, why = alias_decision(value, holder, metric=metric, data_key=data_key, mode=mode)
+    if moved:
+        client.set_registered_model_alias(name, alias, str(version))
+        msg = f"alias '{alias}' moved to {name} version {version}: {why}."
+    else:
+        msg = f"alias '{alias}' not moved (stays on version {holder['version']}): {why}."
+    log(f"registered models:/{name}/{version}; {msg}")
+    return {"registered_model": {"name": name, "version": version},
+            "alias": {"name": alias, "moved": moved, "message": msg,
+                      "version": version if moved else holder["version"],
+                      "previous_version": holder["version"] if holder else None}}
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+def tune_main(cfg: Config, args) -> int:
+    """``raydir tune``: run or resume the sweep, print the table, write ``--result-file``."""
+    try:
+        out = run_sweep(cfg)
+    except (SweepError, ConnectionError) as exc:
+        print(f"raydir: tune error: {exc}", file=sys.stderr)
+        return 2
+    keys = list(normalized_space(cfg))
+    print(trials_frame(out["trials"], keys).drop(columns=[RUN_ID], errors="ignore")
+          .to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if out["interrupted"]:
+        return 130
+    if getattr(args, "result_file", None):
+        write_result(args.result_file, out)
+    return 0
+
+
+def write_result(path: str, out: dict) -> None:
+    best = out["best"]
+    reg = out["registered_model"]
+    payload = {
+        "run_id": best[RUN_ID], "parent_run_id": out["parent_run_id"], "sweep": out["sweep"],
+        "experiment_path": out["experiment_path"], "model_name": reg["name"],
+        "model_version": reg["version"], "model_uri": f"runs:/{best[RUN_ID]}/model",
+        "alias": out["alias"], "metric": out["metric"], "mode": out["mode"],
+        "best": {k: v for k, v in best.items()}, "test_metrics": out["test"],
+        "trials": len(out["trials"]),
+        "stopped_early": sum(r["stopped_early"] for r in out["trials"]),
+        "wall_seconds": out["wall_seconds"],
+    }
+    Path(path).write_text(json.dumps(payload, indent=2, default=_json_default))
+
+
+def _json_default(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+__all__ = ["run_sweep", "tune_main", "search_space", "check_resources", "alias_decision",
+           "metric_value", "sweep_name", "SweepError"]

@@ -1,0 +1,194 @@
+"""Registry consumption: `raydir predict` (Ray Data actor pool) and `raydir evaluate` against a
+model trained and registered here (shared local Ray, SQLite MLflow)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from argparse import Namespace
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from raydir.config import Config
+from raydir.metrics import shot_metrics
+from raydir.predict import check_ray_address, evaluate, evaluate_main, predict
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+NAME = "raydir-predict-test"
+
+
+def _raw(tmp) -> dict:
+    return {
+        "data": {"source": "synthetic", "cache_dir": str(tmp / "cache"), "seed": 3,
+                 "synthetic": {"n_train": 600, "num_features": 6, "per_bin_eval": 4, "high": 40.0}},
+        "bins": {"kind": "uniform", "start": 0.0, "stop": 40.0, "num_bins": 20},
+        "model": {"hidden": [16], "feature_dim": 8},
+        "train": {"num_workers": 1, "epochs": 2, "batch_size": 50, "eval_batch_size": 64,
+                  "storage_path": str(tmp / "ray_results"), "cpus_per_worker": 1.0},
+        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "tests",
+                     "register_name": NAME},
+    }
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, ray_session):
+    """A tiny model trained once, registered as version 1 with alias champion."""
+    from raydir.train import run_training
+
+    tmp = tmp_path_factory.mktemp("registry")
+    cfg = Config.from_dict(_raw(tmp))
+    result = run_training(cfg)
+    MlflowClient(cfg.tracking.uri).set_registered_model_alias(NAME, "champion", "1")
+    return {"tmp": tmp, "cfg": cfg, "uri": cfg.tracking.uri, "result": result}
+
+
+@pytest.fixture
+def tracking_env(registered, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered["uri"])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return registered["uri"]
+
+
+def _raw_frame(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame(rng.normal(size=(n, 6)), columns=[f"x{i}" for i in range(6)])
+    df["row_id"] = np.arange(n)
+    return df
+
+
+def test_predict_keeps_columns_and_order_and_matches_pyfunc(tmp_path, tracking_env):
+    df = _raw_frame(3000)
+    (tmp_path / "in").mkdir()
+    for i, part in enumerate(np.array_split(np.arange(3000), 3)):  # several blocks
+        df.iloc[part].to_parquet(tmp_path / "in" / f"part-{i}.parquet")
+    out = tmp_path / "out" / "pred.parquet"
+    summary = predict(f"models:/{NAME}@champion", str(tmp_path / "in"), str(out),
+                      batch_size=500, num_actors=2)
+    assert summary["model"] == f"models:/{NAME}/1" and summary["rows"] == 3000
+    got = pd.read_parquet(out)
+    assert list(got.columns) == [*df.columns, "prediction"]
+    np.testing.assert_array_equal(got["row_id"].to_numpy(), np.arange(3000))  # input order
+    mlflow.set_tracking_uri(tracking_env)
+    expected = mlflow.pyfunc.load_model(f"models:/{NAME}/1").predict(df[[f"x{i}" for i in range(6)]])
+    np.testing.assert_allclose(got["prediction"].to_numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_predict_csv_into_folder(tmp_path, tracking_env):
+    df = _raw_frame(700, seed=1)
+    df.to_csv(tmp_path / "in.csv", index=False)
+    predict(f"models:/{NAME}/1", str(tmp_path / "in.csv"), str(tmp_path / "outdir"), batch_size=256)
+    got = pd.read_parquet(tmp_path / "outdir").sort_values("row_id")
+    assert len(got) == 700 and np.isfinite(got["prediction"]).all()
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("models:/no-such-model@champion", "no registered model named 'no-such-model'"),
+    (f"models:/{NAME}@gold", f"'{NAME}' has no alias 'gold'"),
+    (f"models:/{NAME}/7", f"'{NAME}' has no version '7'"),
+])
+def test_predict_unknown_model_names_it_and_lists_registry(tmp_path, tracking_env, uri, message):
+    _raw_frame(5).to_parquet(tmp_path / "in.parquet")
+    with pytest.raises(ValueError) as err:
+        predict(uri, str(tmp_path / "in.parquet"), str(tmp_path / "o.parquet"))
+    text = str(err.value)
+    assert uri in text and message in text
+    assert f"{NAME} (aliases: champion->v1; versions: 1)" in text
+
+
+def test_predict_missing_columns_named_before_the_pool(tmp_path, tracking_env):
+    _raw_frame(5).drop(columns=["x2", "x4"]).to_csv(tmp_path / "in.csv", index=False)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['x2', 'x4'\]"):
+        predict(f"models:/{NAME}@champion", str(tmp_path / "in.csv"), str(tmp_path / "o.parquet"))
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_mlflow_and_ray_say_which_and_how(tmp_path, tracking_env, monkeypatch):
+    _raw_frame(5).to_parquet(tmp_path / "in.parquet")
+    port = _free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    with pytest.raises(ConnectionError, match=f"MLflow tracking server at http://127.0.0.1:{port} "
+                                              r"cannot be reached.*mlflow server"):
+        predict(f"models:/{NAME}@champion", str(tmp_path / "in.parquet"), str(tmp_path / "o.parquet"))
+    with pytest.raises(ConnectionError, match=f"RAY_ADDRESS=127.0.0.1:{port} cannot be reached"
+                                              r".*ray start --head"):
+        check_ray_address(f"127.0.0.1:{port}")
+    with pytest.raises(ConnectionError, match="dashboard.*ray job submit"):
+        check_ray_address("http://127.0.0.1:8265")
+    check_ray_address("")  # local Ray: nothing to probe
+
+
+def _pyfunc_reference(registered, cfg: Config, split: str = "test") -> dict:
+    """Shot metrics of pyfunc.predict on the split's RAW columns, regenerated independently."""
+    from raydir.bins import Bins, ShotRegions
+    from raydir.data.synthetic import feature_names, make_synthetic
+
+    mlflow.set_tracking_uri(registered["uri"])
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
+    mi = model.unwrap_python_model().info
+    bins = Bins.from_dict(mi["bins"])
+    x, y = make_synthetic(cfg.data.synthetic, cfg.data.seed, bins)[split]
+    pred = model.predict(pd.DataFrame(x.astype(np.float64), columns=feature_names(cfg.data.synthetic)))
+    return shot_metrics(pred, y, bins=bins, shots=ShotRegions(np.asarray(mi["shot_region"], np.int8)))
+
+
+def _assert_metrics_close(got: dict, want: dict) -> None:
+    for region in ("overall", "many", "medium", "few"):
+        assert got[region]["count"] == want[region]["count"], region
+        for key in ("mse", "mae", "gmean", "pearson", "spearman"):
+            np.testing.assert_allclose(got[region][key], want[region][key], rtol=1e-5, atol=1e-6,
+                                       equal_nan=True, err_msg=f"{region}.{key}")
+
+
+def test_evaluate_matches_pyfunc_on_raw_columns_and_is_linked(tmp_path, registered, tracking_env):
+    cfg = registered["cfg"]
+    out_file = tmp_path / "eval.json"
+    args = Namespace(model=f"models:/{NAME}@champion", split="test", result_file=str(out_file))
+    assert evaluate_main(cfg, args) == 0
+    out = json.loads(out_file.read_text())
+    assert out["model_name"] == NAME and out["model_version"] == 1 and out["rows"] == 20 * 4
+    assert out["test_metrics"]["overall"]["count"] == 80
+    _assert_metrics_close(out["test_metrics"], _pyfunc_reference(registered, cfg))
+    # training's own test metrics are the same model on the same rows
+    np.testing.assert_allclose(out["test_metrics"]["overall"]["mae"],
+                               registered["result"]["test"]["overall"]["mae"], rtol=1e-5)
+
+    client = MlflowClient(registered["uri"])
+    run = client.get_run(out["run_id"])
+    tags = run.data.tags
+    assert tags["raydir.model_name"] == NAME and tags["raydir.model_version"] == "1"
+    assert tags["raydir.source_run_id"] == registered["result"]["run_id"]
+    assert tags["raydir.model_uri"] == f"models:/{NAME}@champion"
+    assert run.data.metrics["eval_count"] == 80 and "eval_few_mae" in run.data.metrics
+    assert run.info.status == "FINISHED"
+    mv = client.get_model_version(NAME, "1")
+    assert mv.tags["raydir.eval.test.run_id"] == out["run_id"]
+
+
+def test_evaluate_other_data_restandardises_features(tmp_path, registered, tracking_env):
+    """Eval data with other train statistics (more train rows): the model's own
+    standardisation is applied, so results still equal the pyfunc's raw-column path."""
+    raw = _raw(tmp_path)
+    raw["tracking"]["uri"] = registered["uri"]
+    raw["data"]["synthetic"]["n_train"] = 900
+    cfg = Config.from_dict(raw)
+    out = evaluate(f"models:/{NAME}/1", cfg, split="val")
+    _assert_metrics_close(out["val_metrics"], _pyfunc_reference(registered, cfg, "val"))
+
+
+def test_evaluate_incompatible_features_named(tmp_path, registered, tracking_env):
+    raw = _raw(tmp_path)
+    raw["tracking"]["uri"] = registered["uri"]
+    raw["data"]["synthetic"]["num_features"] = 4
+    with pytest.raises(ValueError, match=r"trained on 6 features .* gives 4 features"):
+        evaluate(f"models:/{NAME}/1", Config.from_dict(raw))

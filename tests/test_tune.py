@@ -1,0 +1,246 @@
+"""`raydir tune`: search spaces, resources checked before the sweep, nested MLflow runs with
+the trial table and plot, registration and the alias rule, and resume after an interruption.
+Real Ray Tune + Ray Train (shared session instance, 1 worker per trial) and a SQLite MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from raydir.config import Config
+from raydir.tune import (SweepError, alias_decision, check_resources, check_trial_values,
+                         metric_value, run_sweep, search_space)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_config(tmp_path, *, space=None, tune=None, **sections) -> Config:
+    raw = {
+        "data": {"source": "synthetic", "cache_dir": str(tmp_path / "cache"), "seed": 3,
+                 "synthetic": {"n_train": 600, "num_features": 6, "per_bin_eval": 4, "high": 40.0}},
+        "bins": {"kind": "uniform", "start": 0.0, "stop": 40.0, "num_bins": 20},
+        "model": {"hidden": [16], "feature_dim": 8},
+        "train": {"num_workers": 1, "epochs": 2, "batch_size": 50, "eval_batch_size": 64, "lr": 0.02,
+                  "storage_path": str(tmp_path / "ray_results"), "cpus_per_worker": 1.0},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tune-tests"},
+        "tune": {"space": space if space is not None else {"reweight.ks": {"grid": [3, 5, 7]}},
+                 "scheduler": "none", **(tune or {})},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return Config.from_dict(raw)
+
+
+def _children(client: MlflowClient, parent_run_id: str):
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+# -- bad input, before any Ray work --------------------------------------------------------------
+def test_unknown_space_key_lists_the_sweepable_keys(tmp_path):
+    with pytest.raises(ValueError) as err:
+        small_config(tmp_path, space={"fds.sigmaa": {"grid": [1, 2]}})
+    msg = str(err.value)
+    assert "unknown key 'fds.sigmaa'" in msg and "Did you mean 'fds.sigma'?" in msg
+    assert "'reweight.ks'" in msg and "'loss.focal_beta'" in msg  # the valid ones are listed
+
+
+@pytest.mark.parametrize("space, fragment", [
+    ({}, "'tune.space' is empty: nothing to sweep"),
+    ({"reweight.ks": {"grid": []}}, "'tune.space.reweight.ks' has no values to try"),
+    ({"fds.sigma": {"uniform": []}}, "'tune.space.fds.sigma' has no values to try"),
+    ({"fds.ks": {"grid": [3, 4]}}, "the trial {'fds.ks': 4} would not be a valid config"),
+    ({"fds.sigma": {"uniform": [1, 3]}}, "'tune.searcher' is 'grid' but ['fds.sigma'] are ranges"),
+    ({"reweight.ks": {"linspace": [3, 5]}}, "'tune.space.reweight.ks' should be one of"),
+])
+def test_bad_space_fails_before_the_sweep(tmp_path, space, fragment):
+    with pytest.raises(ValueError) as err:
+        cfg = small_config(tmp_path, space=space)
+        run_sweep(cfg)  # only reached for what the config itself accepts
+    assert fragment in str(err.value)
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was tracked
+
+
+def test_cli_space_error_exits_before_ray(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("tune:\n  space:\n    fds.kss: {grid: [3, 5]}\n")
+    code = ("import sys; from raydir.cli import main; "
+            f"rc = main(['tune', '--config', {str(path)!r}]); print(rc, 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["2", "False"], out.stderr
+    assert "Sweepable keys" in out.stderr
+
+
+def test_space_formats_and_override():
+    cfg = Config.from_yaml(REPO / "jobs/configs/tune_demo.yaml",
+                           ["tune.space.fds.ks=[3, 5]", "tune.searcher=random"])
+    assert cfg.tune.space["fds.ks"] == [3, 5]  # a bare list is a grid
+    space = search_space(cfg)
+    assert space["fds.ks"] == {"grid_search": [3, 5]}
+    assert type(space["fds.sigma"]).__name__ == "Float"
+    assert check_trial_values(cfg) == 0  # ranges: no fixed trial count
+    grid = Config.from_dict({"tune": {"space": {"reweight.ks": [3, 5], "fds.kernel": {"choice": ["gaussian", "laplace"]}},
+                                      "num_samples": 2}})
+    assert check_trial_values(grid) == 8 and search_space(grid)["fds.kernel"] == {"grid_search": ["gaussian", "laplace"]}
+
+
+def test_metric_combination_and_missing_shot_region():
+    vals = {"val_mae": 2.0, "val_few_mae": 4.0, "val_mse": 9.0, "val_many_mae": math.nan}
+    assert metric_value(vals, "mae") == 2.0
+    assert metric_value(vals, "mae+few_mae") == 3.0  # the mean of the terms
+    assert metric_value(vals, "many_mae") == 2.0     # empty region -> the overall metric
+    with pytest.raises(ValueError, match="Valid terms"):
+        Config.from_dict({"tune": {"metric": "mae+r2"}})
+    with pytest.raises(ValueError, match="mixes errors"):
+        Config.from_dict({"tune": {"metric": "mae+pearson"}})
+
+
+def test_resource_check_names_the_numbers():
+    cfg = Config.from_dict({"train": {"num_workers": 8, "cpus_per_worker": 2}})
+    with pytest.raises(SweepError) as err:
+        check_resources(cfg, {"CPU": 4.0})
+    msg = str(err.value)
+    assert "needs 16 CPUs (train.num_workers=8 x train.cpus_per_worker=2)" in msg
+    assert "the Ray cluster has 4 CPUs and 0 GPUs" in msg
+    gpu = Config.from_dict({"train": {"num_workers": 2, "use_gpu": True}})
+    with pytest.raises(SweepError, match="and 2 GPUs .*has 16 CPUs and 1 GPUs"):
+        check_resources(gpu, {"CPU": 16.0, "GPU": 1.0})
+    one = Config.from_dict({"train": {"num_workers": 1}, "tune": {"max_concurrent_trials": 9}})
+    notes = []
+    assert check_resources(one, {"CPU": 4.0}, log=notes.append) == 2  # + 1 CPU each for Ray Data
+    assert "only 2 trial(s) fit" in notes[0]
+
+
+def test_alias_decision():
+    tags = {"raydir.val_metric": "mae", "raydir.val_value": "2.0", "raydir.val_data": "k"}
+    holder = {"version": 1, "tags": tags}
+    assert alias_decision(1.5, None, metric="mae", data_key="k", mode="min")[0]
+    assert alias_decision(1.5, holder, metric="mae", data_key="k", mode="min") == (
+        True, "val mae 1.5000 beats 2.0000 of version 1")
+    moved, why = alias_decision(2.5, holder, metric="mae", data_key="k", mode="min")
+    assert not moved and why == "val mae 2.5000 does not beat 2.0000 of version 1"
+    assert not alias_decision(2.0, holder, metric="mae", data_key="k", mode="min")[0]  # a tie keeps it
+    assert "cannot be compared" in alias_decision(0.1, holder, metric="few_mae", data_key="k", mode="min")[1]
+    assert "other validation data" in alias_decision(0.1, holder, metric="mae", data_key="j", mode="min")[1]
+
+
+# -- real sweeps -----------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_trial_larger_than_the_cluster_fails_before_the_sweep(tmp_path, ray_session):
+    cfg = small_config(tmp_path, train={"num_workers": 8})
+    with pytest.raises(SweepError, match=r"needs 8 CPUs .* the Ray cluster has 4 CPUs"):
+        run_sweep(cfg)
+    assert not (tmp_path / "ray_results").exists()  # no experiment was started
+
+
+@pytest.fixture(scope="module")
+def first_sweep(tmp_path_factory, ray_session):
+    tmp = tmp_path_factory.mktemp("sweep")
+    cfg = small_config(tmp, space={"reweight.ks": {"grid": [3, 7]}},
+                       tracking={"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "tune-tests",
+                                 "register_name": "tune-test-model"})
+    lines: list[str] = []
+    out = run_sweep(cfg, log=lines.append)
+    return tmp, cfg, out, lines
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_grid_sweep_nests_one_run_per_trial_with_table_and_plot(first_sweep):
+    tmp, cfg, out, _ = first_sweep
+    assert not out["interrupted"] and len(out["trials"]) == 2
+    client = MlflowClient(cfg.tracking.uri)
+    children = _children(client, out["parent_run_id"])
+    assert sorted(int(r.data.params["reweight.ks"]) for r in children) == [3, 7]
+    for run in children:
+        assert run.info.status == "FINISHED"
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_few_mae"))
+        assert steps == [0, 1]  # per-epoch shot metrics
+        assert {"test_mae", "test_few_mae", "best_val_mae"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(out["parent_run_id"])}
+    assert {"trials.csv", "metric_vs_params.png", "config.yaml"} <= artifacts
+    table = pd.read_csv(client.download_artifacts(out["parent_run_id"], "trials.csv", str(tmp)))
+    assert sorted(table["reweight.ks"]) == [3, 7]
+    assert {"objective", "stopped_early", "status", "val_few_mae", "test_few_mae"} <= set(table.columns)
+    assert (table["status"] == "completed").all() and not table["stopped_early"].any()
+    best = table.loc[table["objective"].idxmin()]
+    assert out["best"]["mlflow_run_id"] == best["mlflow_run_id"]
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials"] == 2
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_first_sweep_registers_best_and_sets_champion(first_sweep):
+    _, cfg, out, lines = first_sweep
+    assert out["registered_model"] == {"name": "tune-test-model", "version": 1}
+    assert out["alias"]["moved"] and "no version holds it yet" in out["alias"]["message"]
+    client = MlflowClient(cfg.tracking.uri)
+    mv = client.get_model_version_by_alias("tune-test-model", "champion")
+    assert str(mv.version) == "1" and mv.run_id == out["best"]["mlflow_run_id"]
+    assert mv.tags["raydir.val_metric"] == "mae"
+    assert float(mv.tags["raydir.val_value"]) == pytest.approx(out["best"]["objective"])
+    assert any("alias 'champion' moved to tune-test-model version 1" in line for line in lines)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_worse_second_sweep_does_not_move_champion(first_sweep):
+    tmp, cfg, out1, _ = first_sweep
+    # A learning rate that leaves the initial weights in place: a worse model, same metric/data.
+    worse = cfg.with_overrides({"tune.space": {"reweight.ks": {"grid": [5]}}, "train.lr": 1e-9,
+                                "train.epochs": 1, "tune.name": "worse"})
+    lines: list[str] = []
+    out = run_sweep(worse, log=lines.append)
+    assert out["best"]["objective"] > out1["best"]["objective"]
+    assert out["registered_model"]["version"] == 2  # registered all the same
+    assert not out["alias"]["moved"] and out["alias"]["version"] == 1
+    assert "not moved (stays on version 1)" in out["alias"]["message"]
+    assert "does not beat" in out["alias"]["message"]
+    assert any("alias 'champion' not moved" in line for line in lines)
+    client = MlflowClient(cfg.tracking.uri)
+    assert str(client.get_model_version_by_alias("tune-test-model", "champion").version) == "1"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, ray_session, monkeypatch):
+    cfg = small_config(tmp_path, space={"reweight.ks": {"grid": [3, 5]}},
+                       tune={"max_concurrent_trials": 1, "log_models": False})
+    first = run_sweep(cfg, _interrupt_after=1)
+    assert first["interrupted"]
+    done = [r for r in first["trials"] if r["status"] == "completed"]
+    assert len(done) == 1
+    client = MlflowClient(cfg.tracking.uri)
+    assert client.get_run(first["parent_run_id"]).info.status == "KILLED"
+
+    # The same command again, through the job entrypoint: resumes the Tune experiment.
+    config_file = tmp_path / "sweep.yaml"
+    config_file.write_text(cfg.to_yaml())
+    result_file = tmp_path / "result.json"
+    monkeypatch.setattr(sys, "argv", ["jobs/tune.py", "--config", str(config_file),
+                                      "--result-file", str(result_file)])
+    with pytest.raises(SystemExit) as code:
+        runpy.run_path(str(REPO / "jobs/tune.py"), run_name="__main__")
+    assert code.value.code == 0
+    result = json.loads(result_file.read_text())
+    assert result["parent_run_id"] == first["parent_run_id"] and result["trials"] == 2
+    children = _children(client, first["parent_run_id"])
+    assert len(children) == 2  # one per trial: the finished one was not started again
+    finished_before = done[0]["mlflow_run_id"]
+    steps = sorted(m.step for m in client.get_metric_history(finished_before, "val_mae"))
+    assert steps == [0, 1]  # its epochs were logged once
+    assert set(result["test_metrics"]) == {"overall", "many", "medium", "few"}
+    assert result["model_name"] is None  # tracking.register_name is empty
