@@ -343,19 +343,31 @@ def run_training(cfg: Config, *, resume: str | None = None, log: Callable[[str],
     trainer = build_trainer(cfg, prepared, info, tracking_uri=uri, run_id=run.run_id,
                             name=f"raydir-{run.run_id}", storage_path=storage,
                             _fault=_fault, _dump_dir=_dump_dir)
+    out, _ = fit_and_finish(trainer, uri, run.run_id, cfg, prepared, info, log=log,
+                            failure_hint=f"training failed; continue it from its last checkpoint "
+                                         f"with `raydir train --config ... --resume {run.run_id}`")
+    return out
+
+
+def fit_and_finish(trainer, uri: str, run_id: str, cfg: Config, prepared, info: dict, *,
+                   failure_hint: str = "", log: Callable[[str], Any] = print) -> tuple[dict, dict]:
+    """Fit; on any error mark the MLflow run FAILED (and say how to go on), else log the test
+    results and the model. Returns the run's result dict and the final checkpoint's content."""
+    from raydir import tracking
+
     try:
         result = trainer.fit()
         if result.error:
             raise result.error
     except BaseException:
-        tracking.end_run(uri, run.run_id, status="FAILED")
-        log(f"training failed; continue it from its last checkpoint with "
-            f"`raydir train --config ... --resume {run.run_id}`")
+        tracking.end_run(uri, run_id, status="FAILED")
+        if failure_hint:
+            log(failure_hint)
         raise
     final, per_bin = load_final(result.checkpoint)
-    out = tracking.finish_run(uri, run.run_id, cfg, prepared, info, final, per_bin)
+    out = tracking.finish_run(uri, run_id, cfg, prepared, info, final, per_bin)
     out["checkpoint_path"] = result.checkpoint.path
-    return out
+    return out, final
 
 
 def model_info(cfg: Config, prepared) -> dict:

@@ -263,7 +263,7 @@ def _trial_fn(values: dict, *, base: dict, prepared, info: dict, uri: str, paren
     import ray.tune
 
     from raydir import tracking
-    from raydir.train import build_trainer, derived_params, load_final
+    from raydir.train import build_trainer, derived_params, fit_and_finish
 
     ctx = ray.tune.get_context()
     trial_id = ctx.get_trial_id()
@@ -284,15 +284,7 @@ def _trial_fn(values: dict, *, base: dict, prepared, info: dict, uri: str, paren
     trainer = build_trainer(cfg, trial_prepared, info, tracking_uri=uri, run_id=run.run_id,
                             name=trial_id, storage_path=train_storage,
                             callbacks=[_report_callback(cfg.tune.metric, run.run_id)])
-    try:
-        result = trainer.fit()
-        if result.error:
-            raise result.error
-    except BaseException:
-        tracking.end_run(uri, run.run_id, status="FAILED")
-        raise
-    final, per_bin = load_final(result.checkpoint)
-    out = tracking.finish_run(uri, run.run_id, cfg, trial_prepared, info, final, per_bin)
+    out, final = fit_and_finish(trainer, uri, run.run_id, cfg, trial_prepared, info)
     best = next(h for h in final["history"] if h["epoch"] == final["best_epoch"])
     ray.tune.report({"trial_finished": 1, RUN_ID: run.run_id, "best_epoch": final["best_epoch"],
                      OBJECTIVE: metric_value(best, cfg.tune.metric),
