@@ -30,3 +30,22 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
             n = t.numel()
             t.copy_(flat[offset:offset + n].view_as(t))
             offset += n
+
+
+def all_gather_columns(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate a (k, n_rank) tensor over ranks along dim 1 (rank order); n_rank may differ.
+
+    Collectives need equal shapes: gather the lengths, pad to the longest, gather, trim.
+    """
+    if world_size() == 1:
+        return x
+    size = torch.tensor([x.shape[1]], dtype=torch.int64, device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    sizes = [int(s.item()) for s in sizes]
+    longest = max(sizes)
+    padded = torch.zeros(x.shape[0], longest, dtype=x.dtype, device=x.device)
+    padded[:, :x.shape[1]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:, :s] for part, s in zip(parts, sizes)], dim=1)

@@ -32,11 +32,10 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from raydir._checks import as_numpy, check_finite, check_same_length, to_numpy_1d
 from raydir.bins import SHOTS, Bins, ShotRegions
-from raydir.distributed import all_reduce_sum, world_size
+from raydir.distributed import all_gather_columns, all_reduce_sum
 
 REGIONS = ("overall",) + SHOTS
 METRIC_KEYS = ("mse", "mae", "gmean", "pearson", "spearman", "count")
@@ -345,25 +344,6 @@ def per_bin_table(stats: BinStats, bins: Bins | None = None,
 
 
 # -- distributed accumulator ---------------------------------------------------------------
-def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate a (k, n_rank) tensor over ranks along dim 1 (rank order); n_rank may differ.
-
-    Collectives need equal shapes: gather the lengths, pad to the longest, gather, trim.
-    """
-    if world_size() == 1:
-        return x
-    size = torch.tensor([x.shape[1]], dtype=torch.int64, device=x.device)
-    sizes = [torch.zeros_like(size) for _ in range(world_size())]
-    dist.all_gather(sizes, size)
-    sizes = [int(s.item()) for s in sizes]
-    longest = max(sizes)
-    padded = torch.zeros(x.shape[0], longest, dtype=x.dtype, device=x.device)
-    padded[:, :x.shape[1]] = x
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:, :s] for part, s in zip(parts, sizes)], dim=1)
-
-
 class ShotMetricAccumulator:
     """Batch-by-batch :func:`shot_metrics` for evaluation loops, across ranks.
 
@@ -458,7 +438,7 @@ class ShotMetricAccumulator:
             # [2] gather every rank's rows: ranks need all of them for Spearman
             local = (torch.cat(self._rows, dim=1) if self._rows
                      else torch.zeros(2, 0, dtype=torch.float64, device=sums.device))
-            rows = _all_gather_rows(local.to(sums.device)).cpu().numpy()
+            rows = all_gather_columns(local.to(sums.device)).cpu().numpy()
             idx = self.bins.index(rows[1], name="target")
             spearman = spearman_by_region(rows[0], rows[1], idx, self.shots)
         self._reduced = stats
