@@ -297,17 +297,28 @@ class FDS(nn.Module):
 
     # -- epoch loop -------------------------------------------------------------------------
     @torch.no_grad()
-    def accumulate(self, features: Tensor, labels: Tensor) -> None:
-        """Add this batch's uncalibrated features to the per-bin accumulators (detached)."""
+    def accumulate(self, features: Tensor, labels: Tensor | None = None, *,
+                   bin_index: Tensor | None = None) -> None:
+        """Add this batch's uncalibrated features to the per-bin accumulators (detached).
+
+        ``bin_index`` (long, shape (n,)) skips binning ``labels`` when the caller already has
+        each row's bin, as the training loop does."""
         features = self._check_features(features)
         self._check_device(features)
-        idx = self._bin_index(labels, features)
-        # Moments into fresh tensors first: a NaN / inf feature shows up in the (B, D) sum of
-        # squares, a cheaper test than isfinite over all n x D, and nothing is half-added.
+        idx = self._rows_bin(features, labels, bin_index)
+        n, dim = features.shape
+        if n * (dim * dim if self.covariance == "full" else dim) <= _CHUNK_ELEMENTS:
+            # A training batch: testing every feature is cheap, so check first and add in place.
+            if not bool(torch.isfinite(features).all()):
+                raise ValueError(_NONFINITE)
+            add_bin_moments(self.acc_count, self.acc_sum, self.acc_second, features, idx)
+            return
+        # Big inputs: moments into fresh tensors first. A NaN / inf feature shows up in the
+        # (B, D) sum of squares, a cheaper test than isfinite over all n x D, and nothing is
+        # half-added.
         count, total, second = bin_moments(features, idx, self.bins.num_bins, self.covariance)
         if not bool(torch.isfinite(second).all()):
-            raise ValueError("'features' hold NaN or inf; expected finite values (they would "
-                             "poison the running statistics of their bins).")
+            raise ValueError(_NONFINITE)
         self.acc_count += count
         self.acc_sum += total
         self.acc_second += second
@@ -366,32 +377,45 @@ class FDS(nn.Module):
 
     # -- calibration --------------------------------------------------------------------------
     def forward(self, features: Tensor, labels: Tensor | None = None,
-                epoch: int | None = None) -> Tensor:
+                epoch: int | None = None, *, bin_index: Tensor | None = None) -> Tensor:
         """Calibrated features in training from ``start_smooth`` on; otherwise ``features``.
 
         Identity in eval mode, when ``labels`` is None, when ``epoch < start_smooth`` (``epoch``
         None skips that gate) and before any update. Only samples of seen bins change. Never
-        writes into ``features``; gradients flow to them through the affine map."""
+        writes into ``features``; gradients flow to them through the affine map.
+        ``bin_index`` as in :meth:`accumulate` (``labels`` still switch calibration on)."""
         features = self._check_features(features)
         if (not self.training or labels is None
                 or (epoch is not None and epoch < self.start_smooth)
                 or int(self.num_updates) == 0):
             return features
         self._check_device(features)
-        idx = self._bin_index(labels, features)
-        bias = self.calib_bias[idx].to(features.dtype)
+        idx = self._rows_bin(features, labels, bin_index)
+        weight, bias = self._calibration_as(features.dtype)
+        bias = bias.index_select(0, idx)
         if self.covariance == "diag":
-            return torch.addcmul(bias, features, self.calib_weight[idx].to(features.dtype))
-        return self._calibrate_full(features, idx, bias)
+            return torch.addcmul(bias, features, weight.index_select(0, idx))
+        return self._calibrate_full(features, idx, bias, weight)
 
-    def _calibrate_full(self, features: Tensor, idx: Tensor, bias: Tensor) -> Tensor:
+    def _calibration_as(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(calib_weight, calib_bias) in ``dtype``, converted once per change of the buffers
+        (an update, load_state_dict or .to()) rather than once per batch."""
+        key = (dtype, id(self.calib_weight), self.calib_weight._version,
+               id(self.calib_bias), self.calib_bias._version)
+        cached = self.__dict__.get("_calibration_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.calib_weight.to(dtype), self.calib_bias.to(dtype))
+            self.__dict__["_calibration_cache"] = cached
+        return cached[1], cached[2]
+
+    def _calibrate_full(self, features: Tensor, idx: Tensor, bias: Tensor, weight: Tensor) -> Tensor:
         # One D x D matrix per bin present in the batch: gathering a matrix per sample would
         # hold n * D * D elements (and autograd would keep them for backward).
         order = torch.argsort(idx)
         counts = torch.bincount(idx, minlength=self.bins.num_bins).tolist()
         seen = self.seen.tolist()
         parts = torch.split(features[order], counts)
-        out = [part @ self.calib_weight[b].to(part.dtype).T if seen[b] and len(part) else part
+        out = [part @ weight[b].T if seen[b] and len(part) else part
                for b, part in enumerate(parts)]
         calibrated = torch.empty_like(features)
         calibrated = calibrated.index_copy(0, order, torch.cat(out)) if out else calibrated
@@ -447,6 +471,25 @@ class FDS(nn.Module):
                 f"{self.acc_sum.device}; move the layer with fds.to(features.device)."
             )
 
+    def _rows_bin(self, features: Tensor, labels: Tensor | None, bin_index: Tensor | None) -> Tensor:
+        if bin_index is None:
+            if labels is None:
+                raise ValueError("FDS needs each row's bin: pass 'labels' (or 'bin_index').")
+            return self._bin_index(labels, features)
+        n, num_bins = features.shape[0], self.bins.num_bins
+        if not isinstance(bin_index, Tensor) or bin_index.dtype != torch.int64 \
+                or tuple(bin_index.shape) != (n,):
+            raise ValueError(f"'bin_index' should be an int64 tensor of shape ({n},), one bin per "
+                             f"row of 'features'; got {_describe(bin_index)}.")
+        if bin_index.device != features.device:
+            raise ValueError(f"'bin_index' is on {bin_index.device} but 'features' are on "
+                             f"{features.device}; move it with .to(features.device).")
+        if n and bool(((bin_index < 0) | (bin_index >= num_bins)).any()):
+            raise ValueError(f"'bin_index' should lie in [0, {num_bins - 1}] (the FDS bins); got "
+                             f"values from {int(bin_index.min())} to {int(bin_index.max())}. Bin "
+                             f"the labels with the same Bins as the FDS layer.")
+        return bin_index
+
     def _bin_index(self, labels: Tensor, features: Tensor) -> Tensor:
         if not isinstance(labels, Tensor):
             labels = torch.as_tensor(np.asarray(labels), device=features.device)
@@ -455,6 +498,10 @@ class FDS(nn.Module):
             raise ValueError(f"'labels' should have shape (n,) with n = {features.shape[0]} rows "
                              f"of 'features'; got {tuple(labels.shape)}.")
         return self.bins.index(flat, name="labels").to(features.device)
+
+
+_NONFINITE = ("'features' hold NaN or inf; expected finite values (they would poison the "
+              "running statistics of their bins).")
 
 
 def _expand(mask: Tensor, like: Tensor) -> Tensor:

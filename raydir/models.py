@@ -32,11 +32,12 @@ class DIRModel(nn.Module):
         self.target_offset = float(target_offset)
 
     def forward(self, inputs: Any, labels: torch.Tensor | None = None,
-                epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                epoch: int | None = None, bin_index: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encoder(**inputs) if isinstance(inputs, dict) else self.encoder(inputs)
         calibrated = features
         if self.fds is not None:
-            calibrated = self.fds(features, labels, epoch)
+            calibrated = self.fds(features, labels, epoch, bin_index=bin_index)
         return self.head(calibrated).squeeze(-1), features
 
     def reset_head(self) -> None:

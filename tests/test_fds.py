@@ -439,3 +439,76 @@ def test_bin_moments_of_float32_features_are_float64_exact_and_chunking_free(mon
     monkeypatch.setattr(fds_module, "_CHUNK_ELEMENTS", 7)  # many chunks, and a ragged last one
     for got, ref in zip(fds_module.bin_moments(z, idx, NUM_BINS, covariance), (count, total, second)):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_precomputed_bin_index_gives_what_labels_give(covariance):
+    bins = Bins.integer(0, NUM_BINS)
+    by_label, by_index = FDS(DIM, bins, covariance=covariance), FDS(DIM, bins, covariance=covariance)
+    for epoch in range(3):
+        z, y = _data(100 + epoch, dtype=torch.float32)
+        idx = bins.index(y)
+        by_label.train(), by_index.train()
+        for s in range(0, len(y), 64):
+            out_label = by_label(z[s:s + 64], y[s:s + 64], epoch)
+            out_index = by_index(z[s:s + 64], y[s:s + 64], epoch, bin_index=idx[s:s + 64])
+            torch.testing.assert_close(out_index, out_label, rtol=0, atol=0)
+            by_label.accumulate(z[s:s + 64], y[s:s + 64])
+            by_index.accumulate(z[s:s + 64], bin_index=idx[s:s + 64])
+        by_label.update(epoch), by_index.update(epoch)
+    for key, value in by_label.state_dict().items():
+        torch.testing.assert_close(by_index.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_bad_bin_index_names_the_parameter():
+    fds = FDS(DIM, Bins.integer(0, NUM_BINS))
+    z, y = _data(97, dtype=torch.float32)
+    idx = y.long()
+    with pytest.raises(ValueError, match="'labels'.*'bin_index'"):
+        fds.accumulate(z)
+    with pytest.raises(ValueError, match="'bin_index'.*int64.*shape"):
+        fds.accumulate(z, bin_index=idx.int())
+    with pytest.raises(ValueError, match="'bin_index'.*int64.*shape"):
+        fds.accumulate(z, bin_index=idx[:-1])
+    bad = idx.clone()
+    bad[5] = NUM_BINS
+    with pytest.raises(ValueError, match=rf"'bin_index'.*\[0, {NUM_BINS - 1}\].*to {NUM_BINS}"):
+        fds.accumulate(z, bin_index=bad)
+    assert fds.acc_count.sum() == 0
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_non_finite_features_add_nothing_small_or_chunked(monkeypatch, chunk):
+    import raydir.fds as fds_module
+
+    if chunk:  # the big-input path: moments into fresh tensors, then the (B, D) check
+        monkeypatch.setattr(fds_module, "_CHUNK_ELEMENTS", chunk)
+    fds = FDS(DIM, Bins.integer(0, NUM_BINS))
+    z, y = _data(98, dtype=torch.float32)
+    fds.accumulate(z[:50], y[:50])
+    before = {k: v.clone() for k, v in fds.state_dict().items()}
+    z_bad = z.clone()
+    z_bad[-1, 1] = float("nan")
+    with pytest.raises(ValueError, match="'features' hold NaN or inf"):
+        fds.accumulate(z_bad, y)
+    for key, value in fds.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, equal_nan=False)
+
+
+def test_calibration_follows_updates_and_loaded_state():
+    """forward() converts the float64 calibration once and reuses it: a later update,
+    load_state_dict or a change of dtype must still give the current map."""
+    bins = Bins.integer(0, NUM_BINS)
+    a, b = FDS(DIM, bins), FDS(DIM, bins)
+    z, y = _data(99, dtype=torch.float32)
+    _one_epoch(a, z, y, 0)
+    _one_epoch(b, z * 2 + 1, y, 0)
+    first = a(z, y, 1)
+    _one_epoch(a, z * 3 - 2, y, 1)
+    idx = y.long()
+    expected = z.double() * a.calib_weight[idx] + a.calib_bias[idx]
+    torch.testing.assert_close(a(z, y, 2).double(), expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(a(z, y, 2), first)
+    a.load_state_dict(b.state_dict())
+    torch.testing.assert_close(a(z, y, 1), b(z, y, 1), rtol=0, atol=0)
+    torch.testing.assert_close(a(z.double(), y, 1), z.double() * b.calib_weight[idx] + b.calib_bias[idx])
