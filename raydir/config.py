@@ -172,6 +172,7 @@ class TrainConfig:
     grad_clip: float = 0.0           # max gradient norm; 0 = off
     select_metric: str = "mae"       # best checkpoint by val: mae | mse | few_mae
     max_failures: int = 2            # worker failures tolerated (resume from last checkpoint)
+    materialize: str = "auto"        # training split in memory: auto (when it fits) | always | never
     storage_path: str = ""           # checkpoints / results; empty = ~/ray_results
     seed: int = 0                    # model init, shuffling, augmentation
 
@@ -259,6 +260,11 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def total_epochs(self) -> int:
+        """Stage one's epochs plus RRT stage two's (the final test report's MLflow step)."""
+        return self.train.epochs + (self.rrt.epochs if self.rrt.enabled else 0)
 
     def to_flat_dict(self) -> dict[str, Any]:
         """``{"fds.ks": 5, "data.synthetic.n_train": 6000, ...}`` for MLflow params and Tune."""
@@ -389,6 +395,7 @@ class Config:
         _positive("train.lr", self.train.lr)
         _choice("train.optimizer", self.train.optimizer, ("adam", "sgd"))
         _choice("train.schedule", self.train.schedule, ("none", "cosine", "step"))
+        _choice("train.materialize", self.train.materialize, ("auto", "always", "never"))
         _choice("train.select_metric", self.train.select_metric, ("mae", "mse", "few_mae"))
         if self.train.grad_clip < 0:
             raise ValueError(f"'train.grad_clip' should be >= 0 (0 = off); got {self.train.grad_clip}.")

@@ -136,10 +136,10 @@ def check_trial_values(cfg: Config) -> int:
         ends = [lo, hi] + ([lo + 1] if space[key][0] == "randint" else [])
         for v in ends:
             _check_one(cfg, {key: int(v) if space[key][0] == "randint" else v})
-    if cfg.tune.scheduler == "asha" and cfg.tune.grace_period > _total_epochs(cfg):
+    if cfg.tune.scheduler == "asha" and cfg.tune.grace_period > cfg.total_epochs:
         raise SweepError(
             f"'tune.grace_period' ({cfg.tune.grace_period}) exceeds the epochs a trial runs "
-            f"({_total_epochs(cfg)}); lower it or raise train.epochs."
+            f"({cfg.total_epochs}); lower it or raise train.epochs."
         )
     return n * cfg.tune.num_samples if not ranged else 0
 
@@ -158,10 +158,6 @@ def _check_one(cfg: Config, values: dict) -> None:
         cfg.with_overrides(values)
     except ValueError as exc:
         raise SweepError(f"the trial {values} would not be a valid config: {exc}") from None
-
-
-def _total_epochs(cfg: Config) -> int:
-    return cfg.train.epochs + (cfg.rrt.epochs if cfg.rrt.enabled else 0)
 
 
 # -- resources -----------------------------------------------------------------------------
@@ -351,7 +347,7 @@ def _scheduler(cfg: Config):
 
     # The last epoch is not a rung (stop_last_trials=False): a surviving trial always gets to
     # its final test evaluation and logged model.
-    return AsyncHyperBandScheduler(time_attr=EPOCHS_DONE, max_t=_total_epochs(cfg),
+    return AsyncHyperBandScheduler(time_attr=EPOCHS_DONE, max_t=cfg.total_epochs,
                                    grace_period=cfg.tune.grace_period,
                                    reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
 
@@ -405,7 +401,8 @@ def run_sweep(cfg: Config, *, log: Callable[[str], Any] = print,
     sweep, root = sweep_name(cfg), storage_root(cfg)
     path = f"{root.rstrip('/')}/{sweep}"
     restoring = tune.Tuner.can_restore(path)
-    prepared = prepare(cfg, log=log)
+    # held in memory once for all trials (a trial's reweighted copy maps over the same blocks)
+    prepared = prepare(cfg, log=log).train_in_memory(cfg.train.materialize, log=log)
     info = model_info(cfg, prepared)
     parent = _parent_run(uri, cfg, sweep, path, restoring, log)
     if not restoring:

@@ -207,3 +207,28 @@ def test_bad_features_empty_split_and_out_of_range(ray_session, tmp_path):
     with pytest.raises(ValueError, match=r"value\(s\) of 'target' in split 'train' lie outside the "
                                          r"bin range \[0, 50\].*out_of_range"):
         prepare(cfg, log=lambda m: None)
+
+
+@pytest.mark.ray
+def test_train_in_memory_holds_the_same_rows_and_respects_the_mode(ray_session, tmp_path):
+    from ray.data.dataset import MaterializedDataset
+
+    prepared = prepare(synth_config(tmp_path), log=lambda m: None)
+    lazy = prepared.base_datasets["train"]
+    assert not isinstance(lazy, MaterializedDataset)  # read from the Parquet cache
+    assert prepared.train_in_memory("never") is prepared
+    messages = []
+    streamed = prepared.train_in_memory("auto", fraction=0.0, log=messages.append)
+    assert streamed is prepared and "set train.materialize=always" in messages[0]
+
+    held = prepared.train_in_memory("auto", log=messages.append)
+    assert isinstance(held.base_datasets["train"], MaterializedDataset)
+    assert held.meta["train_in_memory"] and held.train_in_memory("always") is held
+    want, got = batch_of(lazy), batch_of(held.base_datasets["train"])
+    order_w, order_g = np.lexsort(want["features"].T), np.lexsort(got["features"].T)
+    for col in want:
+        np.testing.assert_array_equal(got[col][order_g], want[col][order_w])
+    weighted = batch_of(held.datasets["train"])  # the weight column still follows the bins
+    np.testing.assert_array_equal(weighted["weight"], held.bin_weights.astype(np.float32)[weighted["bin"]])
+    with pytest.raises(ValueError, match="train.materialize"):
+        prepared.train_in_memory("sometimes")

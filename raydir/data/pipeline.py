@@ -43,6 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from raydir._checks import check_choice
 from raydir.bins import SHOTS, Bins, ShotRegions
 from raydir.data.base import BIN, FEATURES, SPLITS, TARGET, WEIGHT, SourceData
 
@@ -331,6 +332,12 @@ def _describe_row(row: dict) -> dict:
 
 
 # -- the result -------------------------------------------------------------------------------
+# train_in_memory(mode="auto"): hold the training split in memory when it takes at most this
+# share of the object store; Parquet bytes times the expansion bound its in-memory size.
+MEMORY_FRACTION = 0.3
+PARQUET_EXPANSION = 4.0
+
+
 @dataclass
 class PreparedData:
     """Prepared train / val / test Ray Datasets and everything derived from train."""
@@ -361,6 +368,38 @@ class PreparedData:
         datasets = {s: ds.map_batches(AddWeight(weights), batch_format="numpy")
                     for s, ds in self.base_datasets.items()}
         return dataclasses.replace(self, datasets=datasets, bin_weights=weights)
+
+    def train_in_memory(self, mode: str = "auto", *, fraction: float = MEMORY_FRACTION,
+                        log: Callable = print) -> "PreparedData":
+        """A copy whose training split is held in Ray's object store, so that each epoch reads
+        blocks from memory instead of re-reading and re-mapping the Parquet cache (about 15x
+        less time per epoch on small data). ``mode``: ``always``, ``never``, or ``auto``: when
+        an upper estimate of its in-memory size (the cached Parquet bytes x
+        ``PARQUET_EXPANSION``) is at most ``fraction`` of the cluster's object store memory.
+        The validation and test splits are cut into per-worker pieces, which holds them in
+        memory anyway. Needs a running Ray."""
+        check_choice("train.materialize", mode, ("auto", "always", "never"))
+        if mode == "never" or self.meta.get("train_in_memory"):
+            return self
+        entry = self.meta.get("cache_dir")
+        if not entry:  # prepared without a cache: the splits are materialized already
+            return self
+        if mode == "auto":
+            import ray
+
+            on_disk = sum(f.stat().st_size for f in (Path(entry) / "train").rglob("*") if f.is_file())
+            store = float(ray.cluster_resources().get("object_store_memory", 0.0))
+            if on_disk * PARQUET_EXPANSION > fraction * store:
+                log(f"training split streamed from {entry} (about {on_disk * PARQUET_EXPANSION / 2**30:.2f} "
+                    f"GiB in memory > {fraction:.0%} of the {store / 2**30:.2f} GiB object store); "
+                    f"set train.materialize=always to hold it in memory anyway")
+                return self
+        base = self.base_datasets["train"].materialize()
+        return dataclasses.replace(
+            self, base_datasets={**self.base_datasets, "train": base},
+            datasets={**self.datasets, "train": base.map_batches(AddWeight(self.bin_weights),
+                                                                 batch_format="numpy")},
+            meta={**self.meta, "train_in_memory": True})
 
     def resample_params(self) -> dict[str, Any]:
         """``{"resample.train_rows": .., "resample.few_rows": .., ...}`` for the MLflow run:
