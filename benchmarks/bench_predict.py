@@ -69,10 +69,12 @@ def main() -> int:
     import ray
 
     from raydir.predict import load_model_info, predict, resolve_model
+    from raydir.train import local_ray_environment
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-predict-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
     t0 = time.perf_counter()
+    local_ray_environment()  # as `raydir train` does for the local Ray it starts
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     ray_start = time.perf_counter() - t0

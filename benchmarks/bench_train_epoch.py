@@ -12,15 +12,22 @@ MLflow store:
 * ``vanilla_1w``      plain MLP on 1 worker (throughput scaling).
 
 Epoch time is the median of the per-epoch ``epoch_seconds`` MLflow metric over epochs
-1..E-1 (epoch 0 carries the warm-up: first Ray Data execution, DDP setup). It spans the
-training pass, the FDS update (and extra pass) and the validation pass, i.e. what a user
-waits for per epoch. Throughput = training rows / median epoch time. The variants run
-``--rounds`` times in interleaved order (A B C D A B C D ...) so that a load change on a
-shared machine hits all of them; the table reports the median over rounds. The load average
-is recorded before and after, because timings on a shared 2-core machine move with it.
+1..E-1 of all rounds pooled (epoch 0 carries the warm-up: first Ray Data execution, DDP
+setup); each round's own median against vanilla's in the same round is printed beside it.
+An epoch spans the training pass, the FDS update (and extra pass) and the validation pass,
+i.e. what a user waits for per epoch. Throughput = training rows / median epoch time. The
+variants run ``--rounds`` times in interleaved order (A B C D A B C D ...) so that a load
+change on a shared machine hits all of them. The load average is recorded before and after,
+because timings on a shared 2-core machine move with it.
 
     python -m benchmarks.bench_train_epoch [--rows 20000] [--features 32] [--epochs 5]
-                                           [--workers 2] [--rounds 1]
+                                           [--workers 2] [--rounds 1] [--hidden 128 128]
+                                           [--only vanilla vanilla_1w ...]
+
+A second, compute-only measurement runs first, in this process with one thread (what one
+worker gets): the same MLP and FDS layer on in-memory tensors of one worker's shard, no Ray
+Data, no validation. It bounds the FDS overhead from above, because the end-to-end epoch
+also spends time reading batches that FDS does not add to.
 
 Prints a table and writes JSON to benchmarks/results/train_epoch_<time>.json.
 """
@@ -58,7 +65,7 @@ def build_config(args, work: Path, name: str, over: dict):
         "data": {"source": "synthetic", "cache_dir": str(work / "cache"), "seed": 0,
                  "synthetic": {"n_train": args.rows, "num_features": args.features,
                                "per_bin_eval": args.per_bin_eval, "distribution": "age"}},
-        "model": {"kind": "mlp", "hidden": [128, 128], "feature_dim": 64},
+        "model": {"kind": "mlp", "hidden": list(args.hidden), "feature_dim": 64},
         "reweight": {"scheme": "none"},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": 1024,
                   "cpus_per_worker": 1.0, "storage_path": str(work / "ray_results"), "seed": 0},
@@ -68,6 +75,55 @@ def build_config(args, work: Path, name: str, over: dict):
     for section, values in over.items():
         raw.setdefault(section, {}).update(values)
     return Config.from_dict(raw)
+
+
+def compute_only(args) -> dict[str, float]:
+    """Median epoch seconds of the bare training step (one thread, in-memory shard)."""
+    import torch
+
+    from raydir.bins import Bins
+    from raydir.encoders import MLPEncoder
+    from raydir.fds import FDS
+    from raydir.models import DIRModel
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = args.rows // args.workers
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, args.features, generator=g)
+    y = (torch.rand(rows, generator=g) * 99).float()
+    bins = Bins.uniform(0, 100, 100)
+    idx = bins.index(y)
+    times: dict[str, list[float]] = {"vanilla": [], "fds_inflight": [], "fds_extra_pass": []}
+    models = {}
+    for name in times:
+        torch.manual_seed(0)
+        fds = FDS(64, bins, start_update=0, start_smooth=1) if name != "vanilla" else None
+        model = DIRModel(MLPEncoder(args.features, tuple(args.hidden), 64), 64, fds)
+        models[name] = (model, torch.optim.Adam(model.parameters(), lr=1e-3))
+    for epoch in range(args.epochs):
+        for name, (model, opt) in models.items():  # interleaved, epoch by epoch
+            t0 = time.perf_counter()
+            model.train()
+            for s in range(0, rows, args.batch_size):
+                xb, yb, bb = x[s:s + args.batch_size], y[s:s + args.batch_size], idx[s:s + args.batch_size]
+                pred, feats = model(xb, yb, epoch, bb)
+                if name == "fds_inflight":
+                    model.fds.accumulate(feats.detach(), bin_index=bb)
+                loss = torch.nn.functional.mse_loss(pred, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if name == "fds_extra_pass":
+                model.eval()
+                with torch.no_grad():
+                    for s in range(0, rows, 1024):
+                        model.fds.accumulate(model(x[s:s + 1024])[1], bin_index=idx[s:s + 1024])
+            if model.fds is not None:
+                model.fds.update(epoch)
+            times[name].append(time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    return {name: statistics.median(ts[1:] or ts) for name, ts in times.items()}
 
 
 def epoch_seconds(uri: str, run_id: str) -> list[float]:
@@ -84,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--hidden", type=int, nargs="+", default=[128, 128], help="MLP hidden sizes")
     p.add_argument("--per-bin-eval", type=int, default=10, help="val / test rows per bin")
     p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of all variants")
     p.add_argument("--only", nargs="*", help="subset of variants")
@@ -91,9 +148,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from raydir.train import run_training
+    from raydir.train import local_ray_environment, run_training
 
     load_before = os.getloadavg()
+    compute = compute_only(args)
+    print(f"compute only (1 thread, {args.rows // args.workers:,} rows in memory): " + ", ".join(
+        f"{k} {v:.3f} s ({100 * (v / compute['vanilla'] - 1):+.1f}%)" for k, v in compute.items()),
+        flush=True)
+    local_ray_environment()  # as `raydir train` does for the local Ray it starts
     ray.init(num_cpus=max(os.cpu_count() or 1, args.workers + 2), include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -122,21 +184,28 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = {}
     for name, rs in runs.items():
-        med = statistics.median(r["median_s"] for r in rs)
+        pooled = [s for r in rs for s in (r["epoch_seconds"][1:] or r["epoch_seconds"])]
+        med = statistics.median(pooled)
         summary[name] = {"median_epoch_s": med, "rows_per_s": args.rows / med,
-                         "workers": todo[name]["train"]["num_workers"]}
+                         "workers": todo[name]["train"]["num_workers"], "epochs_pooled": len(pooled)}
     if "vanilla" in summary:
         base = summary["vanilla"]["median_epoch_s"]
         for name in summary:
             summary[name]["vs_vanilla"] = summary[name]["median_epoch_s"] / base - 1.0
+            # paired: this variant against the vanilla run of the same round
+            summary[name]["vs_vanilla_per_round"] = [
+                r["median_s"] / v["median_s"] - 1.0 for r, v in zip(runs[name], runs["vanilla"])]
     print()
-    print(f"{args.rows:,} train rows x {args.features} features, MLP, {args.epochs} epochs, "
-          f"batch {args.batch_size}/worker, median over epochs 1..{args.epochs - 1} and "
-          f"{args.rounds} round(s)")
-    print(f"{'variant':16s}{'workers':>8s}{'epoch s':>10s}{'rows/s':>10s}{'vs vanilla':>12s}")
+    print(f"{args.rows:,} train rows x {args.features} features, MLP {args.hidden}, {args.epochs} epochs, "
+          f"batch {args.batch_size}/worker, median over epochs 1..{args.epochs - 1} of "
+          f"{args.rounds} round(s) pooled")
+    print(f"{'variant':16s}{'workers':>8s}{'epoch s':>10s}{'rows/s':>10s}{'vs vanilla':>12s}"
+          f"  per round (paired)")
     for name, s in summary.items():
         vs = f"{100 * s['vs_vanilla']:+.1f}%" if "vs_vanilla" in s else ""
-        print(f"{name:16s}{s['workers']:>8d}{s['median_epoch_s']:>10.2f}{s['rows_per_s']:>10.0f}{vs:>12s}")
+        paired = " ".join(f"{100 * v:+.1f}%" for v in s.get("vs_vanilla_per_round", []))
+        print(f"{name:16s}{s['workers']:>8d}{s['median_epoch_s']:>10.3f}{s['rows_per_s']:>10.0f}{vs:>12s}"
+              f"  {paired}")
     verdict = None
     if "fds_inflight" in summary and "vanilla" in summary:
         over = summary["fds_inflight"]["vs_vanilla"]
@@ -152,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"train_epoch_{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({
-        "args": vars(args), "summary": summary, "runs": runs, "inflight_target_met": verdict,
+        "args": vars(args), "summary": summary, "compute_only_epoch_s": compute, "runs": runs, "inflight_target_met": verdict,
         "load_avg_before": load_before, "load_avg_after": load_after,
         "cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
     }, indent=1))

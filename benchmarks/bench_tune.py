@@ -70,9 +70,10 @@ def main() -> None:
     import ray
 
     from raydir.config import Config
-    from raydir.train import run_training
+    from raydir.train import local_ray_environment, run_training
     from raydir.tune import run_sweep
 
+    local_ray_environment()  # as `raydir train` does for the local Ray it starts
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -441,12 +441,11 @@ def _log_evaluation(uri: str, cfg, ref: ModelRef, split: str, result: dict, per_
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from raydir import report
+    from raydir import report, tracking
     from raydir.tracking import flatten_metrics
 
     client = MlflowClient(uri, registry_uri=uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    exp_id = tracking.experiment_id(client, uri, cfg.tracking.experiment)
     label = f"{ref.name}-v{ref.version}" if ref.name else ref.run_id
     tags = {"raydir.task": "evaluate", "raydir.split": split, "raydir.source": cfg.data.source,
             "raydir.model_uri": ref.uri, "raydir.model_resolved_uri": ref.resolved_uri,

@@ -1,8 +1,10 @@
-"""MLflow: tracking URI, run setup, the rank-0 epoch logger, and the logged pyfunc model.
+"""MLflow: tracking URI, run setup, the per-report metrics callback, and the logged model.
 
 The driver owns the run: it creates (or reopens) it, logs params and the final artifacts and
-model. Training workers only log per-epoch metrics, and only rank 0 does so: the others get a
-``NullLogger`` so worker code never checks ranks (STYLE.md, rule 7).
+model. Per-epoch metrics are logged by a callback on the Ray Train controller, for each report
+it has processed, which is also when the report's checkpoint is registered. A report still in
+flight when a worker dies is lost with its checkpoint; the epoch is trained again after the
+restart and logged then, so every epoch is logged once.
 """
 
 from __future__ import annotations
@@ -52,33 +54,32 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             )
 
 
-class EpochLogger:
-    """Per-epoch metrics into an existing run, from a training worker (rank 0)."""
+def metrics_callback(tracking_uri: str, run_id: str, final_step: int):
+    """A Ray Train ``UserCallback`` (it runs on the controller) that logs rank 0's metrics of
+    every processed report into ``run_id``: epoch reports at step ``epoch``, the final test
+    report (``final`` in its metrics) at ``final_step``. NaN values (an empty shot region) are
+    left out."""
+    from ray.train import UserCallback
 
-    def __init__(self, tracking_uri: str, run_id: str):
-        from mlflow.tracking import MlflowClient
+    class MetricsToMlflow(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            import math
+            import time
 
-        self._client = MlflowClient(tracking_uri)
-        self._run_id = run_id
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import math
-        import time
+            values = dict(metrics[0])
+            step = final_step if "final" in values else int(values["epoch"])
+            now = int(time.time() * 1000)
+            batch = [Metric(k, float(v), now, step) for k, v in values.items()
+                     if k not in ("epoch", "final") and isinstance(v, (int, float))
+                     and not isinstance(v, bool) and not math.isnan(v)]
+            client = MlflowClient(tracking_uri)
+            for i in range(0, len(batch), 500):  # MLflow's per-request metric limit is 1000
+                client.log_batch(run_id, metrics=batch[i:i + 500])
 
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if v is not None and not (isinstance(v, float) and math.isnan(v))]
-        for i in range(0, len(batch), 500):  # MLflow's per-request metric limit is 1000
-            self._client.log_batch(self._run_id, metrics=batch[i:i + 500])
-
-
-class NullLogger:
-    """What ranks other than 0 hold: logging is a no-op."""
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        return None
+    return MetricsToMlflow()
 
 
 def flatten_metrics(result: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
@@ -150,8 +151,7 @@ def start_run(uri: str, cfg, *, resume: str | None = None, extra_params: dict | 
             ) from None
         client.update_run(resume, status="RUNNING")
         return run.info
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    exp_id = experiment_id(client, uri, cfg.tracking.experiment)
     run = client.create_run(exp_id, run_name=cfg.tracking.run_name or None,
                             tags={"raydir.source": cfg.data.source})
     from mlflow.entities import Param
@@ -161,6 +161,34 @@ def start_run(uri: str, cfg, *, resume: str | None = None, extra_params: dict | 
     for i in range(0, len(batch), 90):  # MLflow's per-request param limit is 100
         client.log_batch(run.info.run_id, params=batch[i:i + 90])
     return run.info
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where new experiments keep their artifacts: ``mlartifacts/`` beside the database of a
+    ``sqlite:///`` store, so that the embedded store is one folder whatever the working
+    directory (MLflow's default, ``./mlruns``, depends on it). None for any other store: a
+    tracking server has its own artifact root."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = uri[len("sqlite:///"):]
+    if not db or db == ":memory:":
+        return None
+    return (Path(db).expanduser().resolve().parent / "mlartifacts").as_uri()
+
+
+def experiment_id(client, uri: str, name: str) -> str:
+    """The id of experiment ``name``, created (see :func:`artifact_root`) when missing."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = artifact_root(uri)
+    try:
+        return client.create_experiment(name, artifact_location=None if root is None else f"{root}/{name}")
+    except Exception:  # created by a concurrent run or trial in between
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
@@ -232,6 +260,7 @@ def finish_run(uri: str, run_id: str, cfg, prepared, info: dict, final: dict, pe
                 name="model", python_model=RaydirModel(),
                 artifacts={"state": str(state_path), "info": str(info_path)},
                 signature=signature, input_example=example,
+                pip_requirements=model_requirements(info),
                 registered_model_name=cfg.tracking.register_name or None,
             )
             if cfg.tracking.register_name:
@@ -240,6 +269,28 @@ def finish_run(uri: str, run_id: str, cfg, prepared, info: dict, final: dict, pe
     client.set_terminated(run_id, status="FINISHED")
     return {"run_id": run_id, "registered_model": registered, "model_uri": f"runs:/{run_id}/model",
             "test": test, "best_epoch": final.get("best_epoch")}
+
+
+# What a served RaydirModel imports (raydir itself and its runtime dependencies). Listed
+# rather than inferred: MLflow's inference loads the model in a subprocess (about 5 s per
+# logged model here) and, as raydir is imported lazily, it misses torch.
+_MODEL_PACKAGES = ("raydir", "mlflow", "cloudpickle", "torch", "numpy", "pandas", "pyarrow",
+                   "scipy", "pyyaml")
+
+
+def model_requirements(info: dict) -> list[str]:
+    """Pinned pip requirements of the logged model: the installed versions of what it imports
+    (plus Pillow for image inputs)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = list(_MODEL_PACKAGES) + (["pillow"] if info.get("input_kind") == "image" else [])
+    out = []
+    for name in packages:
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
 
 
 class _Ctx:

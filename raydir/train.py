@@ -14,6 +14,7 @@ import os
 import random
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +24,7 @@ import torch
 
 from raydir.bins import Bins, ShotRegions
 from raydir.config import Config
-from raydir.data.base import BIN, TARGET, WEIGHT
+from raydir.data.base import BIN, TARGET
 from raydir.losses import get_loss
 from raydir.metrics import ShotMetricAccumulator
 from raydir.models import DIRModel, build_model
@@ -110,13 +111,27 @@ def _select_value(result: dict, metric: str) -> float:
     return result["overall"][metric]
 
 
+def _quiet_report_log() -> None:
+    """Ray Train logs every ``report`` with its whole metrics dict (about 60 metrics here) at
+    INFO from each rank; the one-line progress of rank 0 says what matters. Warnings and
+    errors of that logger still show."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train layout: leave its logging alone
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker; depends only on its config (STYLE.md, rule 7)."""
     import ray.train
     import ray.train.torch
 
-    from raydir.tracking import EpochLogger, NullLogger, flatten_metrics
+    from raydir.tracking import flatten_metrics
 
+    _quiet_report_log()
     cfg = Config.from_dict(config["cfg"])
     info = config["model_info"]
     ctx = ray.train.get_context()
@@ -129,7 +144,7 @@ def train_loop_per_worker(config: dict) -> None:
                                dtype=torch.float32, device=device)
     sizes = config["sizes"]
     epochs1 = cfg.train.epochs
-    total = epochs1 + (cfg.rrt.epochs if cfg.rrt.enabled else 0)
+    total = cfg.total_epochs
     fault = config.get("_fault")  # tests: kill one worker once, mid-epoch
     dump_dir = config.get("_dump_dir")  # tests: write FDS statistics of every rank
 
@@ -141,7 +156,6 @@ def train_loop_per_worker(config: dict) -> None:
     loss_fn = _loss_fn(cfg)
     opt = _optimizer(cfg, core.parameters(), cfg.train.lr)
     sched = _scheduler(cfg, opt, epochs1)
-    logger = EpochLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else NullLogger()
 
     state = {"epoch": -1, "best_value": math.inf, "best_epoch": -1, "best_model": None,
              "history": [], "stage": 1}
@@ -191,12 +205,13 @@ def train_loop_per_worker(config: dict) -> None:
                     and not os.path.exists(fault["marker"]):
                 Path(fault["marker"]).write_text(f"killed at epoch {epoch}")
                 os._exit(1)  # injected worker death (tests only)
-            target = batch[TARGET].float()
+            target, bin_index = batch[TARGET].float(), batch[BIN]
             pred, features = model(_inputs(batch, info, gen, train=True,
-                                           crop_padding=cfg.data.image.crop_padding), target, epoch)
+                                           crop_padding=cfg.data.image.crop_padding),
+                                   target, epoch, bin_index)
             if inflight:
-                fds.accumulate(features.detach(), target)
-            loss = loss_fn(pred, target, weights[batch[BIN]])
+                fds.accumulate(features.detach(), bin_index=bin_index)
+            loss = loss_fn(pred, target, weights[bin_index])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.grad_clip > 0:
@@ -215,7 +230,7 @@ def train_loop_per_worker(config: dict) -> None:
                     for batch in train_shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size,
                                                                 device=device):
                         _, features = core(_inputs(batch, info, None, train=False))
-                        fds.accumulate(features, batch[TARGET].float())
+                        fds.accumulate(features, bin_index=batch[BIN])
             fds.update(epoch)  # [3] all-reduce FDS statistics, then EMA + smoothing
             fds_info = {"fds_smoothing_l1": fds.smoothing_distance()}
             if dump_dir:  # test hook: every rank's statistics after each update
@@ -239,7 +254,6 @@ def train_loop_per_worker(config: dict) -> None:
         state["epoch"] = epoch
         state["history"].append({k: v for k, v in metrics.items()})
         _report(core, opt, sched, state, metrics, rank, epoch)
-        logger.log_metrics({k: v for k, v in metrics.items() if k not in ("epoch",)}, step=epoch)
         if rank == 0:
             print(f"[raydir] epoch {epoch:3d} stage {state['stage']} loss {metrics['train_loss']:.4f} "
                   f"val MAE {val['overall']['mae']:.4f} few MAE {val['few']['mae']:.4f} "
@@ -254,7 +268,6 @@ def train_loop_per_worker(config: dict) -> None:
     best_row = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), {})
     final = {"final": 1, **flatten_metrics(test, "test"), "best_epoch": state["best_epoch"],
              **{f"best_{k}": v for k, v in best_row.items() if k.startswith("val_")}}
-    logger.log_metrics({k: v for k, v in final.items() if k != "final"}, step=total)
     if rank == 0:
         with tempfile.TemporaryDirectory() as d:
             torch.save({"model": state["best_model"], "test": test, "history": state["history"],
@@ -301,6 +314,18 @@ def _report(core, opt, sched, state: dict, metrics: dict, rank: int, epoch: int)
 
 
 # -- driver side ---------------------------------------------------------------------------
+# Ray Train's controller takes the workers' reports every 2 s by default, and a worker blocks
+# on its next report until the previous one is taken, so epochs shorter than that wait for the
+# poll. A local instance started by raydir polls more often.
+LOCAL_REPORT_POLL_S = "0.5"
+
+
+def local_ray_environment() -> None:
+    """Environment for a Ray instance about to be started in this process (its processes
+    inherit it): the report poll interval above, unless already set."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_REPORT_POLL_S)
+
+
 def ensure_ray(num_cpus_needed: float = 0) -> None:
     """Connect to $RAY_ADDRESS / a running cluster, or start a local Ray (the embedded default).
 
@@ -315,6 +340,7 @@ def ensure_ray(num_cpus_needed: float = 0) -> None:
         ray.init(log_to_driver=True)
         return
     ncpu = max(os.cpu_count() or 1, int(math.ceil(num_cpus_needed)) + 1)
+    local_ray_environment()
     ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=True)
 
 
@@ -332,7 +358,7 @@ def run_training(cfg: Config, *, resume: str | None = None, log: Callable[[str],
     tracking.check_tracking_uri(uri)  # before any Ray or data work
     t = cfg.train
     ensure_ray(t.num_workers * t.cpus_per_worker)
-    prepared = prepare(cfg, log=log)
+    prepared = prepare(cfg, log=log).train_in_memory(t.materialize, log=log)
     info = model_info(cfg, prepared)
 
     run = tracking.start_run(uri, cfg, resume=resume, extra_params=derived_params(cfg, prepared))
@@ -401,6 +427,7 @@ def build_trainer(cfg: Config, prepared, info: dict, *, tracking_uri: str, run_i
     from ray.train.torch import TorchTrainer
 
     from raydir.lds import bin_weights
+    from raydir.tracking import metrics_callback
 
     t = cfg.train
     rrt_w = None
@@ -410,25 +437,29 @@ def build_trainer(cfg: Config, prepared, info: dict, *, tracking_uri: str, run_i
                             kernel=r.kernel, ks=r.ks, sigma=r.sigma).tolist()
     # Evaluation splits are cut into one exact piece per worker (no padding, no drop); the
     # training split is streamed with Ray Train's equal split so every rank runs the same
-    # number of DDP steps.
-    datasets = {"train": prepared.datasets["train"]}
-    for split in ("val", "test"):
-        for i, piece in enumerate(prepared.datasets[split].split(t.num_workers, equal=False)):
-            datasets[f"{split}_{i}"] = piece
+    # number of DDP steps. The loop takes weights from the bin index, so the training split
+    # without the weight column will do.
+    datasets = {"train": prepared.base_datasets["train"]}
+    with ThreadPoolExecutor(max_workers=2) as pool:  # each split() executes its dataset
+        pieces = {split: pool.submit(prepared.datasets[split].split, t.num_workers, equal=False)
+                  for split in ("val", "test")}
+        for split, future in pieces.items():
+            for i, piece in enumerate(future.result()):
+                datasets[f"{split}_{i}"] = piece
     for ds in datasets.values():
         ds.context.enable_progress_bars = False  # workers print one line per epoch instead
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "model_info": info, "sizes": prepared.sizes,
                            "bin_weights": prepared.bin_weights.tolist(), "rrt_bin_weights": rrt_w,
-                           "tracking_uri": tracking_uri, "run_id": run_id,
                            "_fault": _fault, "_dump_dir": _dump_dir},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=t.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=3),
-                             callbacks=list(callbacks or [])),
+                             callbacks=[metrics_callback(tracking_uri, run_id, cfg.total_epochs),
+                                        *(callbacks or [])]),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )

@@ -62,6 +62,16 @@ def agedb_ages(shared_data: Path) -> dict[str, np.ndarray]:
     return read_agedb_ages(path)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _work_in_a_temporary_directory(tmp_path_factory):
+    """Tests write only to temporary directories: whatever defaults to the working directory
+    (a default mlflow.db, MLflow's ./mlruns) lands in a session folder, not the checkout."""
+    previous = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(previous)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole test session (quiet, no dashboard).
@@ -72,6 +82,9 @@ def ray_session():
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
+        from raydir.train import local_ray_environment
+
+        local_ray_environment()  # what `raydir train` sets for the local Ray it starts
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, ignore_reinit_error=True)
         ctx = ray.data.DataContext.get_current()

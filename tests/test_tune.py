@@ -244,3 +244,35 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, r
     assert steps == [0, 1]  # its epochs were logged once
     assert set(result["test_metrics"]) == {"overall", "many", "medium", "few"}
     assert result["model_name"] is None  # tracking.register_name is empty
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_asha_stops_trials_that_cannot_learn(tmp_path, ray_session):
+    """Run one at a time in grid order, the two trials whose learning rate leaves the model at
+    its initial weights fall behind the first at the first rung: ASHA ends them there, and
+    the table, the parent's metrics and the child runs say so."""
+    cfg = small_config(tmp_path, space={"train.lr": {"grid": [0.05, 1e-9, 2e-9]}},
+                       tune={"scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
+                             "max_concurrent_trials": 1, "log_models": False},
+                       train={"epochs": 3})
+    out = run_sweep(cfg, log=lambda _m: None)
+    by_lr = {r["train.lr"]: r for r in out["trials"]}
+    assert by_lr[0.05]["status"] == "completed" and by_lr[0.05]["epochs_done"] == 3
+    for lr in (1e-9, 2e-9):
+        assert by_lr[lr]["status"] == "stopped_early" and by_lr[lr]["epochs_done"] < 3
+    assert out["best"]["train.lr"] == 0.05
+    client = MlflowClient(cfg.tracking.uri)
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.data.metrics["trials_stopped_early"] == 2
+    rows = {r["mlflow_run_id"]: r for r in out["trials"]}
+    children = _children(client, out["parent_run_id"])
+    assert {run.info.run_id for run in children} == set(rows)
+    for run in children:
+        row = rows[run.info.run_id]
+        stopped = row["status"] == "stopped_early"
+        assert run.info.status == ("KILLED" if stopped else "FINISHED")
+        assert (run.data.tags.get("raydir.stopped_early") == "true") == stopped
+        # each epoch it reported is logged once (ASHA decides on the last one logged)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_mae")]
+        assert sorted(steps) == list(range(len(steps))) and len(steps) >= row["epochs_done"]

@@ -1,0 +1,37 @@
+"""MLflow helpers that need no Ray: where an embedded store keeps its artifacts, and the
+pinned requirements of the logged model."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+from mlflow.tracking import MlflowClient
+
+from raydir.tracking import artifact_root, experiment_id, model_requirements
+
+
+def test_artifact_root_sits_beside_a_sqlite_database(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert artifact_root("sqlite:///runs/mlflow.db") == (tmp_path / "runs" / "mlartifacts").as_uri()
+    assert artifact_root(f"sqlite:///{tmp_path}/x/mlflow.db") == (tmp_path / "x" / "mlartifacts").as_uri()
+    assert artifact_root("sqlite:///:memory:") is None
+    assert artifact_root("http://127.0.0.1:5000") is None
+    assert artifact_root("databricks") is None
+
+
+def test_experiment_is_created_once_with_its_artifacts_beside_the_database(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}"
+    (tmp_path / "db").mkdir()
+    client = MlflowClient(uri)
+    first = experiment_id(client, uri, "dir runs")
+    assert experiment_id(client, uri, "dir runs") == first
+    location = client.get_experiment(first).artifact_location
+    assert location == f"{(tmp_path / 'db' / 'mlartifacts').as_uri()}/dir runs"
+
+
+def test_model_requirements_pin_the_installed_versions():
+    reqs = model_requirements({"input_kind": "features"})
+    assert f"torch=={version('torch')}" in reqs and f"mlflow=={version('mlflow')}" in reqs
+    assert any(r.startswith("raydir==") for r in reqs)
+    assert not any(r.startswith("pillow") for r in reqs)
+    assert f"pillow=={version('pillow')}" in model_requirements({"input_kind": "image"})
