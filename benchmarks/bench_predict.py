@@ -75,7 +75,7 @@ def main() -> int:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
     t0 = time.perf_counter()
     local_ray_environment()  # as `raydir train` does for the local Ray it starts
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=args.num_cpus, include_dashboard=True, log_to_driver=False,
              configure_logging=False)
     ray_start = time.perf_counter() - t0
     model_uri = args.model or train_tiny(tmp)

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{k} {v:.3f} s ({100 * (v / compute['vanilla'] - 1):+.1f}%)" for k, v in compute.items()),
         flush=True)
     local_ray_environment()  # as `raydir train` does for the local Ray it starts
-    ray.init(num_cpus=max(os.cpu_count() or 1, args.workers + 2), include_dashboard=False,
+    ray.init(num_cpus=max(os.cpu_count() or 1, args.workers + 2), include_dashboard=True,
              log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     todo = {k: v for k, v in variants(args.workers).items() if not args.only or k in args.only}

@@ -74,7 +74,7 @@ def main() -> None:
     from raydir.tune import run_sweep
 
     local_ray_environment()  # as `raydir train` does for the local Ray it starts
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=args.num_cpus, include_dashboard=True, log_to_driver=False,
              configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     quiet = lambda _msg: None  # noqa: E731

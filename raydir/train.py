@@ -322,8 +322,16 @@ LOCAL_REPORT_POLL_S = "0.5"
 
 def local_ray_environment() -> None:
     """Environment for a Ray instance about to be started in this process (its processes
-    inherit it): the report poll interval above, unless already set."""
+    inherit it), each unless already set:
+
+    * the report poll interval above;
+    * Parquet footer readers: Ray Data starts 32 actors (processes) for every Parquet read,
+      made for buckets of many files; on one machine a quarter of its cores is plenty (on 2
+      cores a read of the prepared-data cache takes 1.0 s instead of 2.1-3.4 s).
+    """
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_REPORT_POLL_S)
+    footer_actors = min(32, max(1, (os.cpu_count() or 1) // 4))
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(footer_actors))
 
 
 def ensure_ray(num_cpus_needed: float = 0) -> None:
@@ -341,7 +349,10 @@ def ensure_ray(num_cpus_needed: float = 0) -> None:
         return
     ncpu = max(os.cpu_count() or 1, int(math.ceil(num_cpus_needed)) + 1)
     local_ray_environment()
-    ray.init(num_cpus=ncpu, include_dashboard=False, log_to_driver=True)
+    # With the dashboard: Ray Train's placement-group cleaner asks its state API whether a
+    # controller is alive, and without it never frees the CPUs of a run whose controller was
+    # killed (a Tune trial that ASHA stops), which starves the next trials.
+    ray.init(num_cpus=ncpu, include_dashboard=True, log_to_driver=True)
 
 
 def run_training(cfg: Config, *, resume: str | None = None, log: Callable[[str], Any] = print,

@@ -85,7 +85,8 @@ def ray_session():
         from raydir.train import local_ray_environment
 
         local_ray_environment()  # what `raydir train` sets for the local Ray it starts
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+        # the dashboard as `raydir train` starts it (Ray Train's placement-group cleaner needs it)
+        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False,
                  configure_logging=False, ignore_reinit_error=True)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False

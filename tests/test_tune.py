@@ -9,6 +9,7 @@ import math
 import runpy
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -276,3 +277,12 @@ def test_asha_stops_trials_that_cannot_learn(tmp_path, ray_session):
         # each epoch it reported is logged once (ASHA decides on the last one logged)
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_mae")]
         assert sorted(steps) == list(range(len(steps))) and len(steps) >= row["epochs_done"]
+    # The stopped trials' Ray Train workers gave their CPUs back (a leak starves later trials).
+    deadline = time.monotonic() + 30
+    while _live_placement_groups(ray_session) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _live_placement_groups(ray_session) == []
+
+
+def _live_placement_groups(ray):
+    return [pg["bundles"] for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
