@@ -156,6 +156,22 @@ def register_term(section: str):
     return deco
 
 
+class BinWeights:
+    """Per-sample loss weights looked up by bin (INV / SQINV / LDS: a B-length vector made on
+    the driver from the global histogram). Other schemes (DenseWeight) subclass this and look
+    the continuous target up instead; the step only calls ``weights(target, bin_index)``."""
+
+    def __init__(self, bin_weights: Tensor):
+        self.bin_weights = bin_weights
+
+    def to(self, device) -> "BinWeights":
+        self.bin_weights = self.bin_weights.to(device)
+        return self
+
+    def __call__(self, target: Tensor, bin_index: Tensor) -> Tensor:
+        return self.bin_weights[bin_index]
+
+
 def task_loss_fn(cfg) -> Callable[..., Tensor]:
     """The per-sample loss named by ``cfg.loss`` (weighted MSE / L1 / Huber / Focal-R)."""
     from raydir.losses import get_loss
