@@ -20,7 +20,7 @@ install: $(STAMP)
 
 # The whole suite: unit tests, Ray Data / Ray Train / MLflow integration tests.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
 
 # Unit tests only (no Ray, no servers): seconds, for the edit-test loop.
 test-fast: $(STAMP)

@@ -175,10 +175,12 @@ class Processes:
                 pass
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    """A token-authenticated Ray head + an MLflow server on 127.0.0.1; `add_node()` joins a
-    second Ray node. Yields a dict of addresses, env and helpers."""
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A token-authenticated Ray head + an MLflow server on 127.0.0.1, started once for the
+    module's tests; `add_node()` joins another Ray node. Yields a dict of addresses, env and
+    helpers."""
+    tmp_path = tmp_path_factory.mktemp("cluster")
     # Unix socket paths must stay short: a private dir right under /tmp.
     temp_dir = tempfile.mkdtemp(prefix="rdc-", dir="/tmp")
     token = uuid.uuid4().hex + uuid.uuid4().hex
@@ -190,10 +192,12 @@ def cluster(tmp_path):
     env = {**base_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "MLFLOW_TRACKING_URI": mlflow_uri, "PATH": f"{BIN}:{base_env.get('PATH', '')}"}
     try:
+        # raydir needs none of the server's job consumers (about eight huey processes).
+        server_env = {**base_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         procs.start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
                      "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                      "--artifacts-destination", str(tmp_path / "artifacts")],
-                    base_env, tmp_path / "mlflow.log")
+                    server_env, tmp_path / "mlflow.log")
         procs.start([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                      f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                      "--include-dashboard=true", f"--ray-client-server-port={client}",
