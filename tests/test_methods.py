@@ -1,0 +1,330 @@
+"""The methods after the DIR paper against float64 numpy transcriptions of their reference code,
+REFERENCE.md's test values, the denseweight package, and bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+from scipy.stats import gaussian_kde
+
+from raydir.bins import Bins
+from raydir.config import Config
+from raydir.methods import balanced_mse as bm
+from raydir.methods import denseweight as dwm
+from raydir.methods import ranksim as rs
+from raydir.objectives import ObjectiveContext, StepInputs, build_objective
+
+F64 = torch.float64
+
+
+def t64(x) -> torch.Tensor:
+    return torch.tensor(np.asarray(x, dtype=np.float64), dtype=F64)
+
+
+def numeric_grad(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """Central differences of a scalar numpy function (float64)."""
+    x = np.asarray(x, dtype=np.float64)
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[i] += h
+        down[i] -= h
+        g[i] = (f(up) - f(down)) / (2 * h)
+    return g
+
+
+def make_step(pred, target, features=None, *, weight=None, bin_index=None, step=0, views=()):
+    n = len(target)
+    features = torch.zeros(n, 2, dtype=F64) if features is None else features
+    return StepInputs(pred=pred, target=target,
+                      weight=torch.ones(n, dtype=F64) if weight is None else weight,
+                      bin_index=torch.zeros(n, dtype=torch.int64) if bin_index is None else bin_index,
+                      features=features, calibrated=features, epoch=0, step=step, views=list(views))
+
+
+# -- numpy transcriptions of the reference code (float64) -------------------------------------
+def np_bmc(p, t, sigma, v_factor=None):
+    v = sigma ** 2
+    logits = -0.5 * (p[:, None] - t[None, :]) ** 2 / v
+    ce = logsumexp(logits, axis=1) - np.diag(logits)
+    return ce.mean() * 2 * (v if v_factor is None else v_factor)
+
+
+def np_gai(p, t, sigma, pi, mu, var, v_factor=None):
+    v = sigma ** 2
+    mse = (p - t) ** 2 / 2 / v + 0.5 * np.log(v)
+    sv = var[None, :] + v
+    bal = logsumexp(-0.5 * np.log(sv) - 0.5 * (p[:, None] - mu[None, :]) ** 2 / sv
+                    + np.log(pi)[None, :], axis=1)
+    return (mse + bal), (mse + bal).mean() * 2 * (v if v_factor is None else v_factor)
+
+
+def np_bni(p, t, sigma, centers, w, v_factor=None):
+    v = sigma ** 2
+    mse = (p - t) ** 2 / 2 / v
+    bal = logsumexp(-0.5 * (p[:, None] - centers[None, :]) ** 2 / v + np.log(w)[None, :], axis=1)
+    return (mse + bal), (mse + bal).mean() * 2 * (v if v_factor is None else v_factor)
+
+
+def check_balanced(kind, p, t, sigma, np_loss, **mixture):
+    """Loss, d/dpred and d/dsigma of the term against the numpy loss (2 sg(v) held fixed)."""
+    term = bm.BalancedMSE(kind, init_sigma=sigma, sigma_lr=0.01,
+                          mixture={k: np.asarray(v) for k, v in mixture.items()})
+    term.noise_sigma.data = torch.tensor(sigma, dtype=F64)  # float64 for the 1e-6 comparison
+    pred = t64(p).requires_grad_()
+    loss = term(make_step(pred, t64(t)))
+    loss.backward()
+    v = sigma ** 2
+    assert loss.item() == pytest.approx(np_loss(p, t, sigma), abs=1e-9)
+    g_pred = numeric_grad(lambda q: np_loss(q, t, sigma, v), np.asarray(p))
+    g_sigma = numeric_grad(lambda s: np_loss(p, t, float(s[0]), v), np.array([sigma]))
+    np.testing.assert_allclose(pred.grad.numpy(), g_pred, atol=1e-6)
+    assert term.noise_sigma.grad.item() == pytest.approx(g_sigma[0], abs=1e-6)
+    return loss.item()
+
+
+# -- Balanced MSE -----------------------------------------------------------------------------
+@pytest.mark.parametrize("sigma, expected", [(1.0, 1.4419), (2.0, 7.4780), (0.5, 0.2348)])
+def test_bmc_reference_values_and_gradients(sigma, expected):
+    p, t = np.array([1.0, 2, 3]), np.array([1.5, 2, 4])
+    value = check_balanced("bmc", p, t, sigma, np_bmc)
+    assert value == pytest.approx(expected, abs=1e-4)
+    if sigma == 1.0:
+        assert value / 2 == pytest.approx(0.7210, abs=1e-4)
+
+
+def test_bmc_random_batch_against_numpy():
+    rng = np.random.default_rng(0)
+    check_balanced("bmc", rng.normal(size=9), rng.normal(size=9), 0.7, np_bmc)
+
+
+GMM = dict(pi=np.array([0.7, 0.3]), mu=np.array([0.0, 5.0]), var=np.array([1.0, 4.0]))
+
+
+@pytest.mark.parametrize("sigma, expected", [(1.0, -2.2970), (2.0, -5.6190)])
+def test_gai_reference_values_and_gradients(sigma, expected):
+    p, t = np.array([1.0, 4]), np.array([1.5, 3])
+
+    def loss(q, tt, s, vf=None):
+        return np_gai(q, tt, s, GMM["pi"], GMM["mu"], GMM["var"], vf)[1]
+
+    assert check_balanced("gai", p, t, sigma, loss, **GMM) == pytest.approx(expected, abs=1e-4)
+    if sigma == 1.0:
+        per = np_gai(p, t, 1.0, GMM["pi"], GMM["mu"], GMM["var"])[0] * 2  # times 2 sg(v)
+        np.testing.assert_allclose(per, [-1.5207, -3.0733], atol=1e-4)
+
+
+def test_bni_reference_value_and_gradients():
+    c, w = np.array([0.0, 1, 2]), np.array([0.5, 0.3, 0.2])
+    p, t = np.array([0.5, 1.5]), np.array([1.0, 2])
+
+    def loss(q, tt, s, vf=None):
+        return np_bni(q, tt, s, c, w, vf)[1]
+
+    np.testing.assert_allclose(np_bni(p, t, 1.0, c, w)[0] * 2, [-0.2703, -0.7598], atol=1e-4)
+    assert check_balanced("bni", p, t, 1.0, loss, centers=c, bucket_weights=w) == \
+        pytest.approx(-0.5150, abs=1e-4)
+
+
+def test_gai_mixture_is_sklearns_and_too_many_components_is_an_error():
+    from sklearn.mixture import GaussianMixture
+
+    y = np.random.default_rng(1).gamma(2.0, 10.0, size=500)
+    pi, mu, var = bm.fit_gmm(y, 3, seed=0)
+    ref = GaussianMixture(n_components=3, random_state=0).fit(y[:, None])
+    np.testing.assert_allclose(mu, ref.means_[:, 0])
+    np.testing.assert_allclose(var, ref.covariances_.reshape(-1))
+    np.testing.assert_allclose(pi, ref.weights_)
+    with pytest.raises(ValueError, match=r"loss.gai_components.*only 2 distinct"):
+        bm.fit_gmm(np.array([1.0, 1, 2, 2, 2]), 3)
+
+
+def test_bni_buckets_drop_empty_bins_and_normalise():
+    centers, w = bm.bni_buckets(np.array([2, 0, 6, 2]), np.array([0.5, 1.5, 2.5, 3.5]))
+    np.testing.assert_allclose(centers, [0.5, 2.5, 3.5])
+    np.testing.assert_allclose(w, [0.2, 0.6, 0.2])
+
+
+def test_bmc_batch_of_one_warns_once_and_is_zero():
+    term = bm.BalancedMSE("bmc", init_sigma=1.0)
+    pred = torch.tensor([0.3], requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="one sample"):
+        loss = term(make_step(pred, torch.tensor([2.0])))
+    assert loss.item() == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        term(make_step(pred, torch.tensor([2.0])))  # no second warning
+
+
+def test_sigma_lr_zero_keeps_sigma_fixed():
+    term = bm.BalancedMSE("bmc", init_sigma=2.0, sigma_lr=0.0)
+    assert not term.noise_sigma.requires_grad and term.param_groups() == []
+    pred = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    term(make_step(pred, torch.tensor([1.5, 2.0, 4.0]))).backward()
+    assert term.noise_sigma.grad is None and pred.grad is not None
+    learn = bm.BalancedMSE("bmc", init_sigma=2.0, sigma_lr=0.05)
+    (group,) = learn.param_groups()
+    assert group["lr"] == 0.05 and group["params"][0] is learn.noise_sigma
+
+
+def test_balanced_mse_nan_prediction_names_term_and_tensor():
+    term = bm.BalancedMSE("bmc")
+    with pytest.raises(ValueError, match=r"term 'task': 'pred' holds 1 NaN"):
+        term(make_step(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 2.0])))
+
+
+# -- RankSim ----------------------------------------------------------------------------------
+def np_rank(s: np.ndarray) -> np.ndarray:
+    """STS-B reference: numpy stable argsort, flipped, argsorted again (row-wise)."""
+    out = np.empty_like(s)
+    for i, row in enumerate(s):
+        out[i] = (np.argsort(np.argsort(row, kind="stable")[::-1], kind="stable") + 1) / len(row)
+    return out
+
+
+def np_ranksim(x: np.ndarray, y: np.ndarray, lam: float):
+    """Loss and d loss / d x (blackbox backward through the ranks, exact elsewhere)."""
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    xh = x / norm
+    s = xh @ xh.T
+    n = len(y)
+    rl = np_rank(-np.abs(y[:, None] - y[None, :]))
+    rf = np_rank(s)
+    loss = ((rf - rl) ** 2).mean(axis=1).sum()
+    g = 2 * (rf - rl) / n
+    ds = -(rf - np_rank(s + lam * g)) / (lam + 1e-8)
+    dxh = (ds + ds.T) @ xh
+    dx = (dxh - xh * (xh * dxh).sum(1, keepdims=True)) / norm
+    return loss, ds, dx
+
+
+def test_rank_norm_ties_larger_index_ranks_first():
+    s = torch.tensor([[0.5, 0.9, 0.5, 0.1, 0.5]])
+    np.testing.assert_allclose(rs.rank_norm(s).numpy(), np_rank(s.numpy()))
+    assert rs.rank_norm(s).tolist()[0] == pytest.approx([0.8, 0.2, 0.6, 1.0, 0.4])
+
+
+def test_ranksim_reference_table():
+    x = np.array([[1.0, 0], [0.8, 0.6], [0, 1]])
+    y = t64([1, 4, 2])
+    sim = t64(x @ x.T).requires_grad_()
+    rf = rs.TrueRanker.apply(sim, 2.0)
+    rl = rs.rank_norm(-(y[:, None] - y[None, :]).abs())
+    loss = (rf - rl).pow(2).mean(1).sum()
+    loss.backward()
+    assert loss.item() == pytest.approx(6 / 27, abs=1e-12)
+    np.testing.assert_allclose(rf.detach().numpy(), [[1 / 3, 2 / 3, 1], [2 / 3, 1 / 3, 1], [1, 2 / 3, 1 / 3]])
+    np.testing.assert_allclose(rl.numpy(), [[1 / 3, 1, 2 / 3], [1, 1 / 3, 2 / 3], [2 / 3, 1, 1 / 3]])
+    expected = [[0, 1 / 6, -1 / 6], [1 / 6, 1 / 6, -1 / 3], [-1 / 6, 1 / 6, 0]]
+    np.testing.assert_allclose(sim.grad.numpy(), expected, atol=1e-7)  # 1e-8 in lam + 1e-8
+    assert rs.ranksim_loss(t64(x), y, 2.0).item() == pytest.approx(0.2222, abs=1e-4)
+
+
+def test_ranksim_against_numpy_with_label_ties():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(10, 4))
+    y = rng.permutation(np.arange(10.0)) % 7 + 0.0  # not unique: subsample on
+    feats = t64(x).requires_grad_()
+    gen = torch.Generator().manual_seed(5)
+    idx = rs.unique_label_subsample(t64(y), torch.Generator().manual_seed(5))
+    assert sorted(y[idx.numpy()]) == list(y[idx.numpy()]) == sorted(set(y))
+    loss = rs.ranksim_loss(feats, t64(y), 2.0, gen)
+    loss.backward()
+    ref_loss, _, ref_dx = np_ranksim(x[idx.numpy()], y[idx.numpy()], 2.0)
+    assert loss.item() == pytest.approx(ref_loss, abs=1e-12)
+    expected = np.zeros_like(x)
+    expected[idx.numpy()] = ref_dx
+    np.testing.assert_allclose(feats.grad.numpy(), expected, atol=1e-6)
+
+
+def test_ranksim_subsample_draws_each_row_of_a_label_uniformly():
+    y = t64([3.0, 1, 3, 3, 1, 2])
+    gen = torch.Generator().manual_seed(0)
+    picks = np.array([rs.unique_label_subsample(y, gen).tolist() for _ in range(3000)])
+    assert (y[torch.from_numpy(picks)].numpy() == [1, 2, 3]).all()
+    freq3 = np.bincount(picks[:, 2], minlength=6)[[0, 2, 3]] / len(picks)
+    np.testing.assert_allclose(freq3, 1 / 3, atol=0.04)
+
+
+def test_ranksim_all_targets_equal_or_one_sample_is_zero_without_nan():
+    for n in (1, 6):
+        feats = torch.randn(n, 3, dtype=F64, requires_grad=True)
+        term = rs.RankSim(interpolation_lambda=2.0)
+        loss = term(make_step(torch.zeros(n, dtype=F64), torch.full((n,), 2.5, dtype=F64), feats))
+        loss.backward()
+        assert loss.item() == 0.0 and torch.isfinite(feats.grad).all()
+
+
+def test_ranksim_nan_features_name_the_term():
+    feats = torch.randn(4, 3)
+    feats[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"term 'ranksim': 'features' holds 1 NaN"):
+        rs.RankSim()(make_step(torch.zeros(4), torch.arange(4.0), feats))
+
+
+# -- DenseWeight ------------------------------------------------------------------------------
+def test_dense_weights_reference_values():
+    w_star = dwm.weight_star(np.array([1.0, 0.5, 0.0]), 1.0, 1e-6)
+    np.testing.assert_allclose(w_star, [1e-6, 0.5, 1.0])
+    assert w_star.mean() == pytest.approx(0.50000033, abs=1e-8)
+    np.testing.assert_allclose(w_star / w_star.mean(), [2.0e-6, 0.9999993, 1.9999987], atol=1e-7)
+    np.testing.assert_allclose(dwm.weight_star(np.array([1.0, 0.5, 0.0]), 0.0, 1e-6), 1.0)
+
+
+def test_dense_lookup_is_the_left_grid_neighbour_numpy_and_torch():
+    grid, rho = np.array([0.0, 1, 2, 3]), np.array([0.1, 0.2, 0.3, 0.4])
+    query = [0.5, 1.0, 1.5, 2.999, 3.0, -0.1, 3.2]
+    expected = [0.1, 0.2, 0.2, 0.3, 0.4, 0.4, 0.4]  # below the grid: the last point (quirk)
+    np.testing.assert_allclose(dwm.grid_lookup(grid, rho, query), expected)
+    table = dwm.DenseWeights(t64(grid), t64(rho), 0.5, alpha=1.0, eps=1e-6)
+    got = table(torch.tensor(query, dtype=torch.float32), torch.zeros(7, dtype=torch.int64))
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), (1 - np.array(expected)) / 0.5, rtol=1e-6)
+
+
+def _labels(seed=0, n=800):
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.gamma(2.0, 8.0, size=n), rng.normal(70, 5, size=n // 10)])
+
+
+def test_dense_weights_match_the_denseweight_package():
+    dw = pytest.importorskip("denseweight")
+    y = _labels()
+    for alpha in (0.5, 1.0, 2.0):
+        ref = dw.DenseWeight(alpha=alpha)
+        w_ref = ref.fit(y)
+        np.testing.assert_allclose(dwm.dense_weights(y, alpha=alpha), w_ref, atol=1e-9)
+        query = np.linspace(y.min() - 5, y.max() + 5, 301)
+        table = dwm.DenseWeights.fit(y, alpha=alpha)
+        np.testing.assert_allclose(table(t64(query)).numpy(), ref(query), atol=1e-9)
+
+
+def test_dense_kde_against_scipy_gaussian_kde():
+    y = _labels(1)
+    h = dwm.silverman_bandwidth(y)
+    assert h == pytest.approx(1.06 * np.std(y) * len(y) ** -0.2)
+    grid, density = dwm.fft_kde(y, h)
+    assert len(grid) == 4096 and grid[0] < y.min() and grid[-1] > y.max()
+    exact = gaussian_kde(y, bw_method=h / np.std(y, ddof=1))(grid)
+    assert np.abs(density - exact).max() < 2e-3 * exact.max()  # binning error only
+    w = dwm.dense_weights(y, alpha=1.0)
+    assert w.mean() == pytest.approx(1.0)
+    assert np.corrcoef(w, -exact[np.searchsorted(grid, y, side="right") - 1])[0, 1] > 0.99
+
+
+def test_dense_weights_alpha_zero_uniform_and_constant_labels_error():
+    np.testing.assert_allclose(dwm.dense_weights(_labels(), alpha=0.0), 1.0)
+    with pytest.raises(ValueError, match="bandwidth"):
+        dwm.dense_weight_table(np.full(10, 3.0))
+
+
+def test_dense_weights_from_config():
+    y = _labels()
+    cfg = Config.from_dict({"reweight": {"scheme": "dense", "dense_alpha": 0.5}})
+    table = dwm.dense_weights_from_config(cfg, y)
+    np.testing.assert_allclose(table(t64(y)).numpy(), dwm.dense_weights(y, alpha=0.5), atol=1e-12)
+    assert dwm.dense_weights_from_config(Config.from_dict({}), y) is None
