@@ -328,3 +328,196 @@ def test_dense_weights_from_config():
     table = dwm.dense_weights_from_config(cfg, y)
     np.testing.assert_allclose(table(t64(y)).numpy(), dwm.dense_weights(y, alpha=0.5), atol=1e-12)
     assert dwm.dense_weights_from_config(Config.from_dict({}), y) is None
+
+
+# -- ConR -------------------------------------------------------------------------------------
+def np_conr(z, y, p, w, omega, tau, e, reference=True):
+    """Transcription of BorealisAI/ConR agedb-dir ConR (reference=True) and the clean sum."""
+    q = z / np.linalg.norm(z, axis=1, keepdims=True)
+    y, p, w = y[:, None], p[:, None], w[:, None]
+    ld, pd = np.abs(y - y.T), np.abs(p - p.T)
+    pos = ld <= omega
+    np.fill_diagonal(pos, False)
+    neg = (ld > omega) & (pd <= omega)
+    s = q @ q.T / tau
+    pos_e = np.exp(s * pos) if reference else np.exp(s) * pos
+    neg_sum = (w * np.exp(ld * e) * np.exp(s * neg) * neg).sum(1)
+    den = pos_e.sum(1) + neg_sum
+    with np.errstate(divide="ignore", invalid="ignore"):
+        l = np.where(pos, np.log(den[:, None]) - s, 0.0).sum(1) / pos.sum(1)
+    l = np.where(neg.any(1), l, 0.0)
+    return (w[:, 0] * l).mean(), w[:, 0] * l
+
+
+CONR_Z = np.array([[1.0, 0], [0, 1], [0.8, 0.6], [0.6, 0.8]])
+CONR_Y, CONR_P = np.array([10.0, 20, 10, 20]), np.array([15, 15.5, 15.2, 15.4])
+
+
+@pytest.mark.parametrize("tau, denominator, expected", [
+    (0.07, "reference", 1.270333), (0.2, "reference", 0.8798), (0.07, "clean", 1.270316)])
+def test_conr_reference_values(tau, denominator, expected):
+    from raydir.methods.conr import conr_loss
+
+    got = conr_loss(t64(CONR_Z), t64(CONR_Y), t64(CONR_P), omega=1.0, temperature=tau, eps=0.01,
+                    denominator=denominator)
+    assert got.item() == pytest.approx(expected, abs=1e-4 if tau == 0.2 else 2e-6)
+    ref, per = np_conr(CONR_Z, CONR_Y, CONR_P, np.ones(4), 1.0, tau, 0.01, denominator == "reference")
+    assert got.item() == pytest.approx(ref, abs=1e-12)
+    if (tau, denominator) == (0.07, "reference"):
+        np.testing.assert_allclose(per, [0.061582, 0.061582, 2.479084, 2.479084], atol=1e-6)
+
+
+@pytest.mark.parametrize("denominator", ["clean", "reference"])
+def test_conr_random_batch_loss_and_gradient_against_numpy(denominator):
+    from raydir.methods.conr import conr_loss
+
+    rng = np.random.default_rng(7)
+    z = rng.normal(size=(12, 5))
+    y = rng.integers(0, 5, size=12).astype(float)
+    p = y + rng.normal(scale=1.5, size=12)
+    w = rng.uniform(0.5, 2.0, size=12)
+    zt = t64(z).requires_grad_()
+    loss = conr_loss(zt, t64(y), t64(p), t64(w), omega=1.0, temperature=0.3, eps=0.05,
+                     denominator=denominator)
+    loss.backward()
+    ref = lambda zz: np_conr(zz, y, p, w, 1.0, 0.3, 0.05, denominator == "reference")[0]  # noqa: E731
+    assert loss.item() == pytest.approx(ref(z), abs=1e-12)
+    np.testing.assert_allclose(zt.grad.numpy(), numeric_grad(ref, z), atol=1e-6)
+
+
+def _conr_step(z1, z2, y, p1=None, p2=None):
+    n = len(y)
+    p1 = torch.zeros(n, dtype=F64) if p1 is None else p1
+    p2 = torch.zeros(n, dtype=F64) if p2 is None else p2
+    return make_step(torch.zeros(n, dtype=F64), y, views=[(p1, z1), (p2, z2)])
+
+
+def test_conr_no_negative_no_positive_all_equal_and_batch_of_one_are_zero():
+    from raydir.methods.conr import ConR, conr_loss
+
+    for n in (1, 5):  # all targets equal: no negatives
+        z1 = torch.randn(n, 3, dtype=F64, requires_grad=True)
+        loss = ConR()(_conr_step(z1, torch.randn(n, 3, dtype=F64), torch.full((n,), 3.0, dtype=F64)))
+        loss.backward()
+        assert loss.item() == 0.0 and torch.isfinite(z1.grad).all() and (z1.grad == 0).all()
+    # predictions far apart: labels differ but nothing is confused -> no negatives
+    y = t64([0.0, 10.0])
+    step = _conr_step(torch.randn(2, 3, dtype=F64), torch.randn(2, 3, dtype=F64), y, y.clone(), y.clone())
+    assert ConR()(step).item() == 0.0
+    # one view only (no positives: every label distinct): 0, not the reference's NaN
+    z = torch.randn(3, 2, dtype=F64, requires_grad=True)
+    loss = conr_loss(z, t64([0.0, 5, 10]), t64([1.0, 1, 1]), omega=1.0)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(z.grad).all()
+
+
+def test_conr_needs_two_views_and_finite_features():
+    from raydir.methods.conr import ConR
+
+    with pytest.raises(ValueError, match=r"term 'conr' needs 2 augmented views"):
+        ConR()(make_step(torch.zeros(3), torch.arange(3.0)))
+    z = torch.randn(3, 2, dtype=F64)
+    z[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"term 'conr': 'views\[0\] features' holds 1 NaN / inf"):
+        ConR()(_conr_step(z, z.clone(), torch.arange(3.0, dtype=F64)))
+
+
+# -- SRL --------------------------------------------------------------------------------------
+CBAR = np.array([[1.0, 0], [0.6, 0.8], [0, 1]])
+
+
+def np_srl(u, bins, surrogate, points, tau, alpha, beta, con_table=None):
+    """Transcription of yilei-wu/imbalanced-regression dfr_simple (bins given, one index)."""
+    e = u / np.linalg.norm(u, axis=1, keepdims=True)
+    table = surrogate.copy()
+    for b in np.unique(bins):
+        table[b] = e[bins == b].mean(0)
+    norms = np.linalg.norm(table, axis=1, keepdims=True)
+    table = np.where(norms > 0, table / np.maximum(norms, 1e-300), 0.0)
+    tc = table if con_table is None else con_table
+    logits = e @ tc.T / tau
+    l_con = (logsumexp(logits, axis=1) - logits[np.arange(len(bins)), bins]).mean()
+    pts = points / np.linalg.norm(points, axis=1, keepdims=True)
+    l_uni = 1 - (table @ pts.T).max(0).mean()
+    c = (table[1:] * table[:-1]).sum(1)
+    l_smo = alpha * c.sum() + beta * c.var(ddof=1)
+    return l_con, l_uni, l_smo, table
+
+
+def test_srl_reference_values():
+    from raydir.methods.srl import srl_contrastive, srl_losses
+
+    pts = t64([[1.0, 0], [0, -1]])
+    # every bin present in the batch with its own unit row: the table is CBAR
+    e, bins = t64(CBAR), torch.tensor([0, 1, 2])
+    _, l_uni, l_smo = srl_losses(e, bins, torch.zeros(3, 2, dtype=F64), pts, alpha=1.0, beta=0.1)
+    assert l_uni.item() == pytest.approx(0.5, abs=1e-12)
+    assert l_smo.item() == pytest.approx(1.402, abs=1e-12)
+    _, _, l_smo_neg = srl_losses(e, bins, torch.zeros(3, 2, dtype=F64), pts, alpha=-1.0, beta=0.1)
+    assert l_smo_neg.item() == pytest.approx(-1.398, abs=1e-12)
+    # e = [1, 0] with target row 1 against the same table: logits [10, 6, 0]
+    l_con = srl_contrastive(t64([[1.0, 0]]), torch.tensor([1]), t64(CBAR), 0.1)
+    assert l_con.item() == pytest.approx(4.0182, abs=1e-4)
+
+
+def test_srl_losses_and_gradient_against_numpy():
+    from raydir.methods.srl import srl_losses
+
+    rng = np.random.default_rng(11)
+    u = rng.normal(size=(9, 4))
+    bins = np.array([0, 2, 2, 3, 5, 5, 5, 1, 3])
+    surrogate = rng.normal(size=(7, 4))
+    surrogate[6] = 0.0  # a bin never seen: zero row
+    points = rng.normal(size=(20, 4))
+    ut = t64(u).requires_grad_()
+    e = torch.nn.functional.normalize(ut, dim=1)
+    parts = srl_losses(e, torch.from_numpy(bins), t64(surrogate), t64(points), temperature=0.2,
+                       alpha=1.0, beta=0.1)
+    weights = (0.5, 2.0, 0.3)
+    sum(w * x for w, x in zip(weights, parts)).backward()
+    ref = np_srl(u, bins, surrogate, points, 0.2, 1.0, 0.1)
+    for got, want in zip(parts, ref[:3]):
+        assert got.item() == pytest.approx(want, abs=1e-12)
+
+    def total(uu):  # the contrastive table is detached: held at its value
+        l_con, l_uni, l_smo, _ = np_srl(uu, bins, surrogate, points, 0.2, 1.0, 0.1, con_table=ref[3])
+        return 0.5 * l_con + 2.0 * l_uni + 0.3 * l_smo
+
+    np.testing.assert_allclose(ut.grad.numpy(), numeric_grad(total, u), atol=1e-6)
+
+
+def test_srl_fold_centroids_ema_and_empty_bin_fill():
+    from raydir.methods.srl import fold_centroids
+
+    running = torch.zeros(5, 1, dtype=F64)
+    seen = torch.zeros(5, dtype=torch.bool)
+    count = t64([0, 2, 0, 1, 0])
+    total = t64([[0], [4], [0], [3], [0]])
+    fold_centroids(running, seen, count, total, 0.9)
+    # present bins replace (2, 3); empty ones filled left to right: 0<-1, 2<-(1+3)/2, 4<-3
+    assert running[:, 0].tolist() == [2.0, 2.0, 2.5, 3.0, 3.0]
+    assert seen.tolist() == [False, True, False, True, False]
+    fold_centroids(running, seen, t64([1, 1, 0, 0, 0]), t64([[10], [12], [0], [0], [0]]), 0.9)
+    assert running[:, 0].tolist() == pytest.approx([10.0, 0.9 * 2 + 0.1 * 12, (3.0 + 3.0) / 2, 3.0, 3.0])
+
+
+def test_srl_term_state_and_nan_features():
+    from raydir.methods.srl import SRL
+
+    term = SRL(3, 4, proj_dim=5, points=7, seed=1).double()
+    again = SRL(3, 4, proj_dim=5, points=7, seed=1).double()
+    torch.testing.assert_close(term.state_dict(), again.state_dict())  # seeded: same on all ranks
+    feats = torch.randn(6, 3, dtype=F64)
+    step = make_step(torch.zeros(6, dtype=F64), torch.zeros(6, dtype=F64), feats,
+                     bin_index=torch.tensor([0, 0, 1, 1, 3, 3]))
+    loss = term(step)
+    assert torch.isfinite(loss)
+    metrics = term.end_epoch(0)
+    assert metrics == {"srl.bins_present": 3.0, "srl.bins_seen": 3.0}
+    assert term.acc_count.sum() == 0 and term.surrogate[2].abs().sum() > 0  # filled from 1 and 3
+    fresh = SRL(3, 4, proj_dim=5, points=7, seed=2).double()
+    fresh.load_state_dict(term.state_dict())
+    torch.testing.assert_close(fresh.surrogate, term.surrogate)
+    feats[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"term 'srl': 'features' holds 1 NaN"):
+        term(step)

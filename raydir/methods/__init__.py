@@ -9,4 +9,4 @@
   (per-sample weights, not a term).
 """
 
-from raydir.methods import balanced_mse, denseweight, ranksim  # noqa: F401  (registration)
+from raydir.methods import balanced_mse, conr, denseweight, ranksim, srl  # noqa: F401  (registration)
