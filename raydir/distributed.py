@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -96,7 +98,11 @@ def gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.T
 
     sizes = batch_sizes(x.shape[0], x.device) if sizes is None else sizes
     longest = max(sizes)
-    parts = all_gather(_padded(x, longest))
+    with warnings.catch_warnings():
+        # torch 2.13 marks it deprecated in favour of a private module; it is the public
+        # autograd-aware gather whose backward works on gloo as well as nccl.
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(_padded(x, longest))
     return torch.cat([part[:s] for part, s in zip(parts, sizes)])
 
 
