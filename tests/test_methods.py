@@ -521,3 +521,95 @@ def test_srl_term_state_and_nan_features():
     feats[2, 1] = float("nan")
     with pytest.raises(ValueError, match=r"term 'srl': 'features' holds 1 NaN"):
         term(step)
+
+
+# -- build_objective --------------------------------------------------------------------------
+def _context(feature_dim=4):
+    y = np.random.default_rng(5).gamma(2.0, 0.8, size=400).clip(0, 4.99)
+    bins = Bins.uniform(0.0, 5.0, 10)
+    return ObjectiveContext(bins=bins, train_counts=bins.histogram(y), feature_dim=feature_dim,
+                            train_targets=y)
+
+
+ON = {"ranksim": {"weight": 3.0}, "conr": {"weight": 0.5}, "srl": {"weight": 2.0}}
+
+
+@pytest.mark.parametrize("section", sorted(ON))
+def test_build_objective_term_on_and_off(section):
+    ctx = _context()
+    off = build_objective(Config.from_dict({}), ctx)
+    assert [t.name for t in off.terms] == ["task"]
+    on = build_objective(Config.from_dict({section: ON[section]}), ctx)
+    assert [t.name for t in on.terms] == ["task", section]
+    assert on.terms[1].weight == ON[section]["weight"]
+    assert on.views == (2 if section == "conr" else 0)
+
+
+@pytest.mark.parametrize("name", ["bmc", "gai", "bni"])
+def test_build_objective_balanced_mse_replaces_the_task_loss(name):
+    cfg = Config.from_dict({"loss": {"name": name, "bmc_init_sigma": 2.0, "bmc_sigma_lr": 0.1,
+                                     "gai_components": 3}})
+    obj = build_objective(cfg, _context())
+    (term,) = obj.terms
+    assert isinstance(term, bm.BalancedMSE) and term.kind == name and term.name == "task"
+    assert term.noise_sigma.item() == 2.0
+    assert obj.param_groups() == [{"params": [term.noise_sigma], "lr": 0.1, "name": "noise_sigma"}]
+    if name == "gai":
+        assert term.mu.shape == (3,) and term.pi.sum().item() == pytest.approx(1.0)
+    if name == "bni":
+        assert term.bucket_weights.sum().item() == pytest.approx(1.0)
+
+
+def test_build_objective_gai_errors_name_the_key():
+    with pytest.raises(ValueError, match="loss.gai_components"):
+        build_objective(Config.from_dict({"loss": {"name": "gai", "gai_components": 500}}), _context())
+    ctx = _context()
+    ctx.train_targets = None
+    with pytest.raises(ValueError, match="train_targets"):
+        build_objective(Config.from_dict({"loss": {"name": "gai"}}), ctx)
+
+
+def test_objective_with_every_term_runs_forward_and_backward():
+    torch.manual_seed(0)
+    cfg = Config.from_dict({"loss": {"name": "bmc"}, **ON,
+                            "srl": {"weight": 1.0, "proj_dim": 8, "points": 50}})
+    obj = build_objective(cfg, _context(feature_dim=6))
+    assert obj.terms[0].name == "task"
+    assert {t.name for t in obj.terms} == {"task", "ranksim", "conr", "srl"}
+    encoder, head = torch.nn.Linear(3, 6), torch.nn.Linear(6, 1)
+    x = torch.randn(16, 3)
+    y = torch.rand(16) * 5
+    feats = torch.relu(encoder(x))
+    views = []
+    for _ in range(obj.views):
+        fv = torch.relu(encoder(x + 0.1 * torch.randn_like(x)))
+        views.append((head(fv).squeeze(1), fv))
+    step = StepInputs(pred=head(feats).squeeze(1), target=y, weight=torch.ones(16),
+                      bin_index=Bins.uniform(0.0, 5.0, 10).index(y), features=feats,
+                      calibrated=feats, epoch=0, step=1, views=views)
+    total, parts = obj(step)
+    total.backward()
+    assert torch.isfinite(total) and set(parts) == {"task", "ranksim", "conr", "srl"}
+    assert all(torch.isfinite(v) for v in parts.values())
+    grads = [p.grad for p in [*encoder.parameters(), *head.parameters(), *obj.parameters()]
+             if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert obj.end_epoch(0)["srl.bins_seen"] > 0
+
+
+def test_config_validation_of_the_method_sections():
+    for bad, key in [({"ranksim": {"weight": -1.0}}, "ranksim.weight"),
+                     ({"ranksim": {"interpolation_lambda": 0.0}}, "ranksim.interpolation_lambda"),
+                     ({"conr": {"temperature": 0.0}}, "conr.temperature"),
+                     ({"conr": {"denominator": "fancy"}}, "conr.denominator"),
+                     ({"srl": {"momentum": 1.0}}, "srl.momentum"),
+                     ({"loss": {"bmc_init_sigma": 0.0}}, "loss.bmc_init_sigma"),
+                     ({"loss": {"bmc_sigma_lr": -0.1}}, "loss.bmc_sigma_lr"),
+                     ({"reweight": {"scheme": "dense", "lds": True}}, "reweight.lds")]:
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            Config.from_dict(bad)
+    cfg = Config.from_dict({"loss": {"name": "gai", "bmc_sigma_lr": 0.0},
+                            "reweight": {"scheme": "dense", "dense_alpha": 0.5}})
+    flat = cfg.to_flat_dict()
+    assert flat["loss.bmc_sigma_lr"] == 0.0 and flat["ranksim.interpolation_lambda"] == 2.0
+    assert flat["conr.denominator"] == "clean" and flat["srl.points"] == 1000
