@@ -305,7 +305,7 @@ def test_dense_weights_match_the_denseweight_package():
 
 def test_dense_kde_against_scipy_gaussian_kde():
     y = _labels(1)
-    h = dwm.silverman_bandwidth(y)
+    h = dwm.silverman_bandwidth(len(y), np.std(y))
     assert h == pytest.approx(1.06 * np.std(y) * len(y) ** -0.2)
     grid, density = dwm.fft_kde(y, h)
     assert len(grid) == 4096 and grid[0] < y.min() and grid[-1] > y.max()
@@ -314,6 +314,17 @@ def test_dense_kde_against_scipy_gaussian_kde():
     w = dwm.dense_weights(y, alpha=1.0)
     assert w.mean() == pytest.approx(1.0)
     assert np.corrcoef(w, -exact[np.searchsorted(grid, y, side="right") - 1])[0, 1] > 0.99
+
+
+def test_dense_weights_from_shard_statistics_equal_one_fit():
+    y = _labels(2)
+    grid, h = dwm.dense_grid(len(y), np.std(y), y.min(), y.max())
+    stats = [dwm.grid_stats(shard, grid) for shard in np.array_split(y, 3)]
+    masses, left = (sum(s[i] for s in stats) for i in range(2))
+    assert left.sum() == len(y)
+    table = dwm.DenseWeights.from_stats(grid, h, masses, left, alpha=0.8)
+    np.testing.assert_allclose(table(t64(y)).numpy(), dwm.dense_weights(y, alpha=0.8), atol=1e-12)
+    assert table(t64(y)).mean().item() == pytest.approx(1.0, abs=1e-12)
 
 
 def test_dense_weights_alpha_zero_uniform_and_constant_labels_error():

@@ -13,6 +13,12 @@ Fitted once on the driver on the 1-D training labels ``y_1..y_N`` (never on a wo
 5. ``w*(y) = max(1 - alpha rho'(y), eps)`` and ``w = w* / mean_train(w*)``: mean 1 on the
    training labels; new labels use the training mean.
 
+The fit needs no gathering of labels: ``count``, ``std``, ``min`` and ``max`` (global aggregates)
+fix the grid (:func:`dense_grid`), and per shard :func:`grid_stats` gives the linear-binning
+masses and the label count per left grid neighbour, which add up over shards; their sums give
+the density and the training mean of ``w*`` exactly (:meth:`DenseWeights.from_stats`).
+:meth:`DenseWeights.fit` does the same on one array of labels.
+
 Config: ``reweight.scheme: dense``, ``reweight.dense_alpha`` (alpha, default 1.0; 0 = uniform
 weights; larger = more emphasis on rare labels) and ``reweight.dense_eps`` (eps, 1e-6). With
 alpha >= 1 the most frequent label gets weight ``eps / mean`` (about 0): the package's behaviour.
@@ -40,9 +46,10 @@ GRID_POINTS = 4096
 
 
 # -- pure functions ---------------------------------------------------------------------------
-def silverman_bandwidth(y: np.ndarray) -> float:
-    """DenseWeight's rule ``1.06 * std(y) * N^(-1/5)`` (no IQR term, despite the name)."""
-    return float(1.06 * np.std(y) * len(y) ** (-1.0 / 5.0))
+def silverman_bandwidth(count: int, std: float) -> float:
+    """DenseWeight's rule ``1.06 * std(y) * N^(-1/5)`` (std with ddof 0; no IQR term, despite
+    the name)."""
+    return float(1.06 * std * count ** (-1.0 / 5.0))
 
 
 def gaussian_practical_support(bw: float, atol: float = 1e-4, xtol: float = 1e-3) -> float:
@@ -55,30 +62,66 @@ def gaussian_practical_support(bw: float, atol: float = 1e-4, xtol: float = 1e-3
 
 
 def linear_binning(data: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Each point's unit mass (total 1) split between its two neighbouring grid points in
-    proportion to the distance (equidistant grid that contains every point)."""
+    """Each point's unit mass split between its two neighbouring grid points in proportion to
+    the distance (equidistant grid that contains every point). Additive over shards."""
     dx = (grid[-1] - grid[0]) / (len(grid) - 1)
-    frac, whole = np.modf((data - grid[0]) / dx)
+    frac, whole = np.modf((np.asarray(data, np.float64) - grid[0]) / dx)
     whole = whole.astype(np.int64)
-    w = 1.0 / len(data)
-    out = np.bincount(whole, weights=np.full(len(data), w) * (1 - frac), minlength=len(grid) + 1)
-    out += np.bincount(whole + 1, weights=np.full(len(data), w) * frac, minlength=len(grid) + 1)
+    out = np.bincount(whole, weights=1 - frac, minlength=len(grid) + 1)
+    out += np.bincount(whole + 1, weights=frac, minlength=len(grid) + 1)
     return out[:len(grid)]
 
 
-def fft_kde(y, bandwidth: float, grid_points: int = GRID_POINTS) -> tuple[np.ndarray, np.ndarray]:
-    """``(grid, density)``: a Gaussian KDE of ``y`` with std ``bandwidth`` on KDEpy's automatic
-    grid (``FFTKDE(bw).fit(y).evaluate(grid_points)``)."""
-    y = np.asarray(y, dtype=np.float64)
-    support = gaussian_practical_support(bandwidth)
-    margin = max(0.05 * (y.max() - y.min()), support)
-    grid = np.linspace(y.min() - margin, y.max() + margin, grid_points)
-    dx = (grid[-1] - grid[0]) / (grid_points - 1)
-    half = int(min(np.floor(support / dx), grid_points))
+def dense_grid(count: int, std: float, low: float, high: float, *, bandwidth: float | None = None,
+               grid_points: int = GRID_POINTS) -> tuple[np.ndarray, float]:
+    """``(grid, bandwidth)`` from the labels' count, std (ddof 0), min and max: KDEpy's automatic
+    grid ``linspace(low - b, high + b)``, ``b = max(0.05 (high - low), practical support)``."""
+    h = silverman_bandwidth(count, std) if bandwidth is None else float(bandwidth)
+    if not h > 0:
+        raise ValueError(f"DenseWeight's bandwidth should be > 0; got {h!r} (with all {count} "
+                         f"training labels equal there is no imbalance to weight). Use "
+                         f"reweight.scheme: none.")
+    margin = max(0.05 * (high - low), gaussian_practical_support(h))
+    return np.linspace(low - margin, high + margin, grid_points), h
+
+
+def kde_on_grid(grid: np.ndarray, masses: np.ndarray, bandwidth: float) -> np.ndarray:
+    """Gaussian KDE (std ``bandwidth``) of linearly binned ``masses`` by convolution with the
+    kernel sampled on the grid spacing out to its practical support (KDEpy's FFTKDE)."""
+    dx = (grid[-1] - grid[0]) / (len(grid) - 1)
+    half = int(min(np.floor(gaussian_practical_support(bandwidth) / dx), len(grid)))
     offsets = np.linspace(-dx * half, dx * half, 2 * half + 1)
     kernel = np.exp(-0.5 * (offsets / bandwidth) ** 2) / (bandwidth * math.sqrt(2 * math.pi))
-    density = convolve(linear_binning(y, grid), kernel, mode="same")
-    return grid, density + np.finfo(float).eps
+    return convolve(masses / masses.sum(), kernel, mode="same") + np.finfo(float).eps
+
+
+def fft_kde(y, bandwidth: float, grid_points: int = GRID_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """``(grid, density)``: KDEpy's ``FFTKDE(bw=bandwidth).fit(y).evaluate(grid_points)``."""
+    y = np.asarray(y, dtype=np.float64)
+    grid, _ = dense_grid(len(y), float(np.std(y)), float(y.min()), float(y.max()),
+                         bandwidth=bandwidth, grid_points=grid_points)
+    return grid, kde_on_grid(grid, linear_binning(y, grid), bandwidth)
+
+
+def grid_stats(labels, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Additive statistics of a shard of training labels on the grid: linear-binning masses
+    and the number of labels whose left grid neighbour is each point. Summed over shards they
+    are what :func:`dense_table` needs (the labels never have to meet in one place)."""
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    left = np.searchsorted(grid, y, side="right") - 1
+    return linear_binning(y, grid), np.bincount(left, minlength=len(grid)).astype(np.float64)
+
+
+def dense_table(grid: np.ndarray, bandwidth: float, masses: np.ndarray, left_counts: np.ndarray,
+                *, alpha: float = 1.0, eps: float = 1e-6) -> tuple[np.ndarray, float]:
+    """``(scaled_density, mean_w_star)`` from the summed :func:`grid_stats`."""
+    if not alpha >= 0:
+        raise ValueError(f"'reweight.dense_alpha' should be >= 0; got {alpha!r}.")
+    if not eps > 0:
+        raise ValueError(f"'reweight.dense_eps' should be > 0; got {eps!r}.")
+    scaled = minmax_scale(kde_on_grid(grid, masses, bandwidth))
+    mean_w = float((left_counts * weight_star(scaled, alpha, eps)).sum() / left_counts.sum())
+    return scaled, mean_w
 
 
 def minmax_scale(values: np.ndarray) -> np.ndarray:
@@ -101,21 +144,13 @@ def weight_star(rho: np.ndarray, alpha: float, eps: float) -> np.ndarray:
 def dense_weight_table(labels, *, alpha: float = 1.0, eps: float = 1e-6,
                        bandwidth: float | None = None, grid_points: int = GRID_POINTS
                        ) -> tuple[np.ndarray, np.ndarray, float]:
-    """``(grid, scaled_density, mean_w_star)`` fitted on the training labels."""
+    """``(grid, scaled_density, mean_w_star)`` fitted on the training labels (one process)."""
     y = to_numpy_1d("labels", labels)
     check_finite("labels", y)
-    if not alpha >= 0:
-        raise ValueError(f"'reweight.dense_alpha' should be >= 0; got {alpha!r}.")
-    if not eps > 0:
-        raise ValueError(f"'reweight.dense_eps' should be > 0; got {eps!r}.")
-    h = silverman_bandwidth(y) if bandwidth is None else float(bandwidth)
-    if not h > 0:
-        raise ValueError(f"DenseWeight's bandwidth should be > 0; got {h!r} (all {len(y)} training "
-                         f"labels are equal: there is no imbalance to weight). Use reweight.scheme: "
-                         f"none.")
-    grid, density = fft_kde(y, h, grid_points)
-    scaled = minmax_scale(density)
-    return grid, scaled, float(weight_star(grid_lookup(grid, scaled, y), alpha, eps).mean())
+    grid, h = dense_grid(len(y), float(np.std(y)), float(y.min()), float(y.max()),
+                         bandwidth=bandwidth, grid_points=grid_points)
+    scaled, mean_w = dense_table(grid, h, *grid_stats(y, grid), alpha=alpha, eps=eps)
+    return grid, scaled, mean_w
 
 
 def dense_weights(labels, query=None, *, alpha: float = 1.0, eps: float = 1e-6,
@@ -143,6 +178,16 @@ class DenseWeights(BinWeights):
         grid, scaled, mean_w = dense_weight_table(labels, alpha=alpha, eps=eps, bandwidth=bandwidth,
                                                   grid_points=grid_points)
         return cls(torch.from_numpy(grid), torch.from_numpy(scaled), mean_w, alpha=alpha, eps=eps)
+
+    @classmethod
+    def from_stats(cls, grid: np.ndarray, bandwidth: float, masses: np.ndarray,
+                   left_counts: np.ndarray, *, alpha: float = 1.0, eps: float = 1e-6
+                   ) -> "DenseWeights":
+        """Fit from shard statistics: ``grid, bandwidth = dense_grid(count, std, min, max)``
+        (global aggregates), then ``grid_stats(shard, grid)`` summed over the shards."""
+        scaled, mean_w = dense_table(grid, bandwidth, masses, left_counts, alpha=alpha, eps=eps)
+        return cls(torch.from_numpy(np.asarray(grid, np.float64)), torch.from_numpy(scaled), mean_w,
+                   alpha=alpha, eps=eps)
 
     def to(self, device) -> "DenseWeights":
         self.grid, self.scaled_density = self.grid.to(device), self.scaled_density.to(device)
