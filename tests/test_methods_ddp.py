@@ -119,6 +119,19 @@ def dense_lookup(rank: int | None) -> torch.Tensor:
     return table(y[rows], y[rows].long())
 
 
+def gather_check(rank: int | None) -> dict:
+    """Uneven rows (2 and 3) of a (n, 2, 2) tensor: value, gradient of a weighted sum, int64."""
+    from raydir.distributed import gather_nograd, gather_with_grad
+
+    full = torch.arange(20, dtype=F64).reshape(5, 2, 2)
+    rows = slice(None) if rank is None else (slice(0, 2) if rank == 0 else slice(2, None))
+    x = full[rows].clone().requires_grad_()
+    gathered = gather_with_grad(x)
+    (gathered * torch.linspace(-1, 1, 20, dtype=F64).reshape(5, 2, 2)).sum().backward()
+    return {"value": gathered.detach(), "grad": x.grad,
+            "ints": gather_nograd(torch.arange(5)[rows] * 10)}
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -128,6 +141,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         result = {m: run_method(m, rank, world) for m in METHODS}
         result["dense"] = dense_lookup(rank)
+        result["gather"] = gather_check(rank)
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -170,3 +184,9 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
             close(r1["state"][name], want, f"{method} state {name} (rank 1)")
     assert single["own"] and single["state"]["seen"].any()  # SRL ran: projector grads, centroids
     close(torch.cat([ranks[0]["dense"], ranks[1]["dense"]]), dense_lookup(None), "dense weights")
+    single = gather_check(None)
+    for r in ranks:  # every rank holds the whole tensor; the backward sums both ranks' gradients
+        assert torch.equal(r["gather"]["value"], single["value"])
+        assert r["gather"]["ints"].tolist() == [0, 10, 20, 30, 40]
+    close(torch.cat([ranks[0]["gather"]["grad"], ranks[1]["gather"]["grad"]]), 2 * single["grad"],
+          "gather gradient")

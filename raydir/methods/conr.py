@@ -103,6 +103,7 @@ class ConR(Term):
                            ("views[0] pred", p1), ("views[1] pred", p2)):
             check_rows(self.name, key, value, n)
             check_finite(self.name, key, value)
+        check_finite(self.name, "target", step.target)
         z = torch.cat([z1.reshape(n, -1), z2.reshape(n, -1)])
         target, weight = step.target.reshape(-1), step.weight.reshape(-1)
         consts = torch.stack([torch.cat([target, target]).to(z.dtype),

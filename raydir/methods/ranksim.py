@@ -115,6 +115,7 @@ class RankSim(Term):
         n = step.target.shape[0]
         check_rows(self.name, "features", step.features, n)
         check_finite(self.name, "features", step.features)
+        check_finite(self.name, "target", step.target)
         sizes = batch_sizes(n, step.features.device)
         features = gather_with_grad(step.features, sizes)             # [1] global batch
         y = gather_nograd(step.target.reshape(-1), sizes)
