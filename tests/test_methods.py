@@ -93,6 +93,7 @@ def test_bmc_reference_values_and_gradients(sigma, expected):
     p, t = np.array([1.0, 2, 3]), np.array([1.5, 2, 4])
     value = check_balanced("bmc", p, t, sigma, np_bmc)
     assert value == pytest.approx(expected, abs=1e-4)
+    assert bm.balanced_mse("bmc", t64(p), t64(t), t64(sigma)).item() == pytest.approx(value, abs=1e-12)
     if sigma == 1.0:
         assert value / 2 == pytest.approx(0.7210, abs=1e-4)
 
@@ -113,6 +114,8 @@ def test_gai_reference_values_and_gradients(sigma, expected):
         return np_gai(q, tt, s, GMM["pi"], GMM["mu"], GMM["var"], vf)[1]
 
     assert check_balanced("gai", p, t, sigma, loss, **GMM) == pytest.approx(expected, abs=1e-4)
+    pure = bm.balanced_mse("gai", t64(p), t64(t), t64(sigma), **{k: t64(v) for k, v in GMM.items()})
+    assert pure.item() == pytest.approx(expected, abs=1e-4)
     if sigma == 1.0:
         per = np_gai(p, t, 1.0, GMM["pi"], GMM["mu"], GMM["var"])[0] * 2  # times 2 sg(v)
         np.testing.assert_allclose(per, [-1.5207, -3.0733], atol=1e-4)
