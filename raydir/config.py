@@ -463,6 +463,12 @@ def _validate_methods(c: "Config") -> None:
         section, name = key.split(".")
         _positive(key, getattr(getattr(c, section), name))
     _choice("conr.denominator", c.conr.denominator, ("clean", "reference"))
+    if c.loss.name in ("bmc", "gai", "bni") and c.reweight.scheme != "none":
+        raise ValueError(
+            f"'loss.name' is {c.loss.name!r} (Balanced MSE, itself the correction for the label "
+            f"imbalance, with no per-sample weights) but 'reweight.scheme' is "
+            f"{c.reweight.scheme!r}, whose weights it would ignore. Set reweight.scheme: none."
+        )
     if not 0.0 <= c.srl.momentum < 1.0:
         raise ValueError(f"'srl.momentum' should be in [0, 1); got {c.srl.momentum}.")
 

@@ -619,11 +619,12 @@ def test_config_validation_of_the_method_sections():
                      ({"srl": {"momentum": 1.0}}, "srl.momentum"),
                      ({"loss": {"bmc_init_sigma": 0.0}}, "loss.bmc_init_sigma"),
                      ({"loss": {"bmc_sigma_lr": -0.1}}, "loss.bmc_sigma_lr"),
-                     ({"reweight": {"scheme": "dense", "lds": True}}, "reweight.lds")]:
+                     ({"reweight": {"scheme": "dense", "lds": True}}, "reweight.lds"),
+                     ({"loss": {"name": "gai"}, "reweight": {"scheme": "inverse"}}, "reweight.scheme")]:
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):
             Config.from_dict(bad)
-    cfg = Config.from_dict({"loss": {"name": "gai", "bmc_sigma_lr": 0.0},
-                            "reweight": {"scheme": "dense", "dense_alpha": 0.5}})
+    cfg = Config.from_dict({"loss": {"name": "gai", "bmc_sigma_lr": 0.0}})
+    assert Config.from_dict({"reweight": {"scheme": "dense", "dense_alpha": 0.5}}).reweight.dense_alpha == 0.5
     flat = cfg.to_flat_dict()
     assert flat["loss.bmc_sigma_lr"] == 0.0 and flat["ranksim.interpolation_lambda"] == 2.0
     assert flat["conr.denominator"] == "clean" and flat["srl.points"] == 1000

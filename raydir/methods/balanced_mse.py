@@ -26,8 +26,10 @@ Decisions on the reference code's quirks (REFERENCE.md section 1):
 * ``2 sg(v)`` uses the current sigma, as in the reference.
 * GAI and BNI values are often negative: they are log-likelihood ratios, not errors.
 * BNI uses the raw training counts of the prepared bins (no LDS smoothing of the counts).
-* The per-sample loss weights (re-weighting schemes) are not applied: Balanced MSE is itself
-  the correction for the imbalance.
+* The per-sample loss weights are not applied: Balanced MSE is itself the correction for the
+  imbalance (the config rejects it together with ``reweight.scheme``; RRT's second stage with
+  Balanced MSE re-trains the regressor with the balanced loss, as the reference's IMDB-WIKI-DIR
+  recipe does, and its ``rrt.scheme`` weights are not applied either).
 * Batch-global BMC under DDP: the targets of every rank are gathered (no gradient) and each
   rank scores its own rows against all of them, the class label of row i being its global
   index; the term returns ``W * sum_local / n_global``, so DDP's averaging gives the global
