@@ -46,8 +46,10 @@ from raydir.objectives import ObjectiveContext, StepInputs, Term, register_term
 def rank_norm(s: Tensor) -> Tensor:
     """Row-wise descending rank / n (most similar 1/n, least 1); ties: the larger index ranks
     first (the STS-B code's stable numpy argsort)."""
+    n = s.shape[-1]
     order = torch.argsort(s, dim=-1, stable=True).flip(-1)
-    return (torch.argsort(order, dim=-1) + 1).to(s.dtype) / s.shape[-1]
+    position = torch.arange(1, n + 1, dtype=s.dtype, device=s.device).expand_as(order)
+    return torch.empty_like(s).scatter_(-1, order, position) / n  # inverse permutation, O(n)
 
 
 class TrueRanker(torch.autograd.Function):
