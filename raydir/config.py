@@ -104,22 +104,27 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "l1"                 # mse | l1 | huber | focal_l1 | focal_mse
+    name: str = "l1"                 # mse | l1 | huber | focal_l1 | focal_mse | bmc | gai | bni (Balanced MSE)
     huber_beta: float = 1.0          # huber transition point
     focal_activate: str = "sigmoid"  # focal-R activation: sigmoid | tanh
     focal_beta: float = 0.2          # focal-R beta (0.2 ages; 4 on raw STS-B scores)
     focal_gamma: float = 1.0         # focal-R gamma
+    bmc_init_sigma: float = 1.0      # Balanced MSE: initial noise sigma, target units (ages: 10)
+    bmc_sigma_lr: float = 1e-2       # Balanced MSE: sigma's own learning rate; 0 = fixed sigma
+    gai_components: int = 8          # GAI: Gaussian-mixture components fitted on the train labels
 
 
 @dataclass
 class ReweightConfig:
-    scheme: str = "none"             # none | inverse | sqrt_inv
+    scheme: str = "none"             # none | inverse | sqrt_inv | dense (DenseWeight)
     lds: bool = False                # smooth the label density before inverting
     kernel: str = "gaussian"         # gaussian | triang | laplace
     ks: int = 5                      # odd window size
     sigma: float = 2.0               # gaussian / laplace width
     clip_min: float = 0.0            # inverse: clip counts below (AgeDB-DIR: 5); 0 = no clip
     clip_max: float = 0.0            # inverse: clip counts above (AgeDB-DIR: 1000); 0 = no clip
+    dense_alpha: float = 1.0         # dense: weight strength alpha (0 = uniform weights)
+    dense_eps: float = 1e-6          # dense: smallest weight before normalising to mean 1
 
 
 @dataclass
@@ -135,6 +140,35 @@ class FDSConfig:
     clamp_max: float = 10.0          # (STS-B: 2)
     covariance: str = "diag"         # diag (reference code) | full (paper formula)
     gather: str = "inflight"         # inflight (from the epoch's forward passes) | extra_pass
+
+
+@dataclass
+class RankSimConfig:
+    weight: float = 0.0              # gamma, weight of the RankSim term; 0 = off (ages 100, STS-B 3e-4)
+    interpolation_lambda: float = 2.0  # lambda of the blackbox ranking gradient (papers: 2)
+
+
+@dataclass
+class ConRConfig:
+    weight: float = 0.0              # beta, weight of the ConR term; 0 = off (AgeDB 4.0); needs 2 views
+    temperature: float = 0.07        # tau of the feature similarities
+    omega: float = 1.0               # label / prediction distance threshold, target units
+    eps: float = 0.01                # pushing strength e: negatives weighted exp(e * |y_i - y_j|)
+    denominator: str = "clean"       # clean (positives only) | reference (adds 1 per non-positive)
+
+
+@dataclass
+class SRLConfig:
+    weight: float = 0.0              # weight of the SRL term (w_con L_con + w_uni L_uni + w_smo L_smo); 0 = off
+    w_con: float = 1e-4              # contrastive term toward the bin centroids (STS-B: 1e-4)
+    w_uni: float = 1e-2              # uniformity (enveloping) term (STS-B: 1e-2)
+    w_smo: float = 1e-4              # smoothness (homogeneity) term (STS-B: 1e-4)
+    temperature: float = 0.1         # tau of the contrastive term
+    points: int = 1000               # random unit vectors of the uniformity term
+    proj_dim: int = 128              # projector output size
+    smooth_alpha: float = 1.0        # smooth term: alpha * sum of neighbour cosines (STS-B +1, AgeDB -1)
+    smooth_beta: float = 0.1         # smooth term: beta * their variance
+    momentum: float = 0.9            # EMA of the per-bin centroids across epochs
 
 
 @dataclass
@@ -195,6 +229,10 @@ SWEEPABLE = (
     "fds.clamp_min", "fds.clamp_max",
     "loss.name", "loss.focal_activate", "loss.focal_beta", "loss.focal_gamma", "loss.huber_beta",
     "rrt.enabled", "rrt.scheme", "rrt.lr",
+    "loss.bmc_init_sigma", "loss.bmc_sigma_lr", "loss.gai_components", "reweight.dense_alpha",
+    "ranksim.weight", "ranksim.interpolation_lambda", "conr.weight", "conr.temperature",
+    "conr.omega", "conr.eps", "srl.weight", "srl.w_con", "srl.w_uni", "srl.w_smo",
+    "srl.temperature",
     "model.dropout", "train.lr", "train.weight_decay", "train.batch_size",
 )
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")  # one per swept key
@@ -232,6 +270,9 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
     fds: FDSConfig = field(default_factory=FDSConfig)
+    ranksim: RankSimConfig = field(default_factory=RankSimConfig)
+    conr: ConRConfig = field(default_factory=ConRConfig)
+    srl: SRLConfig = field(default_factory=SRLConfig)
     rrt: RRTConfig = field(default_factory=RRTConfig)
     resample: ResampleConfig = field(default_factory=ResampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -337,7 +378,7 @@ class Config:
         _positive("model.feature_dim", self.model.feature_dim)
         if not 0.0 <= self.model.dropout < 1.0:
             raise ValueError(f"'model.dropout' should be in [0, 1); got {self.model.dropout}.")
-        _choice("loss.name", self.loss.name, ("mse", "l1", "huber", "focal_l1", "focal_mse"))
+        _choice("loss.name", self.loss.name, ("mse", "l1", "huber", "focal_l1", "focal_mse", "bmc", "gai", "bni"))
         _choice("loss.focal_activate", self.loss.focal_activate, ("sigmoid", "tanh"))
         _positive("loss.focal_beta", self.loss.focal_beta)
         if self.loss.focal_gamma < 0:
@@ -348,12 +389,14 @@ class Config:
             if not isinstance(sec.ks, int) or sec.ks <= 0 or sec.ks % 2 == 0:
                 raise ValueError(f"'{section}.ks' should be a positive odd integer; got {sec.ks!r}.")
             _positive(f"{section}.sigma", sec.sigma)
-        _choice("reweight.scheme", self.reweight.scheme, ("none", "inverse", "sqrt_inv"))
-        if self.reweight.lds and self.reweight.scheme == "none":
+        _choice("reweight.scheme", self.reweight.scheme, ("none", "inverse", "sqrt_inv", "dense"))
+        if self.reweight.lds and self.reweight.scheme in ("none", "dense"):
             raise ValueError(
-                "'reweight.lds' is true but 'reweight.scheme' is 'none': LDS smooths the density "
-                "that the weights invert. Set reweight.scheme to inverse or sqrt_inv."
+                f"'reweight.lds' is true but 'reweight.scheme' is {self.reweight.scheme!r}: LDS "
+                f"smooths the bin density that the weights invert. Set reweight.scheme to inverse "
+                f"or sqrt_inv, or reweight.lds to false."
             )
+        _validate_methods(self)
         if self.reweight.clip_max and self.reweight.clip_max < self.reweight.clip_min:
             raise ValueError(
                 f"'reweight.clip_max' ({self.reweight.clip_max}) should be >= 'reweight.clip_min' "
@@ -402,6 +445,32 @@ class Config:
         if self.train.max_failures < -1:
             raise ValueError(f"'train.max_failures' should be >= -1 (-1 = unlimited); got {self.train.max_failures}.")
         _validate_tune(self.tune)
+
+
+def _validate_methods(c: "Config") -> None:
+    """The sections of the methods after the DIR paper (raydir.methods)."""
+    _positive("loss.bmc_init_sigma", c.loss.bmc_init_sigma)
+    _non_negative("loss.bmc_sigma_lr", c.loss.bmc_sigma_lr)
+    _positive("loss.gai_components", c.loss.gai_components)
+    _non_negative("reweight.dense_alpha", c.reweight.dense_alpha)
+    _positive("reweight.dense_eps", c.reweight.dense_eps)
+    for key in ("ranksim.weight", "conr.weight", "conr.eps", "srl.weight", "srl.w_con",
+                "srl.w_uni", "srl.w_smo", "srl.smooth_beta"):
+        section, name = key.split(".")
+        _non_negative(key, getattr(getattr(c, section), name))
+    for key in ("ranksim.interpolation_lambda", "conr.temperature", "conr.omega",
+                "srl.temperature", "srl.points", "srl.proj_dim"):
+        section, name = key.split(".")
+        _positive(key, getattr(getattr(c, section), name))
+    _choice("conr.denominator", c.conr.denominator, ("clean", "reference"))
+    if c.loss.name in ("bmc", "gai", "bni") and c.reweight.scheme != "none":
+        raise ValueError(
+            f"'loss.name' is {c.loss.name!r} (Balanced MSE, itself the correction for the label "
+            f"imbalance, with no per-sample weights) but 'reweight.scheme' is "
+            f"{c.reweight.scheme!r}, whose weights it would ignore. Set reweight.scheme: none."
+        )
+    if not 0.0 <= c.srl.momentum < 1.0:
+        raise ValueError(f"'srl.momentum' should be in [0, 1); got {c.srl.momentum}.")
 
 
 def tune_metric_mode(metric: str) -> str:
@@ -482,6 +551,11 @@ def _validate_tune(t: "TuneConfig") -> None:
 def _choice(name: str, value: Any, choices) -> None:
     if value not in choices:
         raise ValueError(f"'{name}' should be one of {list(choices)}; got {value!r}.")
+
+
+def _non_negative(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"'{name}' should be a number >= 0 (0 = off); got {value!r}.")
 
 
 def _positive(name: str, value: Any) -> None:

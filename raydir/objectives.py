@@ -186,6 +186,8 @@ def task_loss_fn(cfg) -> Callable[..., Tensor]:
 
 def build_objective(cfg, context: ObjectiveContext) -> Objective:
     """The task loss plus every registered term whose config section is on."""
+    import raydir.methods  # noqa: F401  (registers the methods' terms)
+
     terms: list[Term] = []
     task = TERMS.get("loss")
     built = task(cfg, context) if task is not None else None
