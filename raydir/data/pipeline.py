@@ -45,7 +45,8 @@ import numpy as np
 
 from raydir._checks import check_choice
 from raydir.bins import SHOTS, Bins, ShotRegions
-from raydir.data.base import BIN, FEATURES, SPLITS, TARGET, WEIGHT, SourceData
+from raydir.data.base import (BIN, FEATURES, SPLITS, TARGET, WEIGHT, SourceData, check_resample_input,
+                              is_uri, local_path, resolve_bins)
 
 CACHE_VERSION = 1  # bump when the layout or the meaning of the cached columns changes
 SOURCE_MODULES = {
@@ -62,26 +63,6 @@ FIRST = 5  # offending values / rows shown in error messages
 
 
 # -- configuration helpers ------------------------------------------------------------------
-def resolve_bins(bins_cfg, default: Bins | None) -> Bins:
-    """The bins in use: ``bins.kind`` uniform / integer from the bins section, or under
-    ``auto`` the source's official bins with the section's ``out_of_range`` policy."""
-    if bins_cfg.kind == "auto":
-        if default is None:
-            raise ValueError("bins.kind is 'auto' but the source has no default bins; set "
-                             "bins.kind to uniform or integer.")
-        return Bins(default.edges, out_of_range=bins_cfg.out_of_range,
-                    merge_below=default.merge_below)
-    if bins_cfg.kind == "uniform":
-        return Bins.uniform(bins_cfg.start, bins_cfg.stop, bins_cfg.num_bins,
-                            out_of_range=bins_cfg.out_of_range)
-    for name in ("start", "stop"):
-        value = getattr(bins_cfg, name)
-        if int(value) != value:
-            raise ValueError(f"'bins.{name}' should be an integer when bins.kind is 'integer'; got {value!r}.")
-    return Bins.integer(int(bins_cfg.start), int(bins_cfg.stop), merge_below=bins_cfg.merge_below,
-                        out_of_range=bins_cfg.out_of_range)
-
-
 def resolve_shots(shots_cfg, default: ShotRegions | None, train_counts: np.ndarray,
                   bins: Bins) -> ShotRegions:
     """Explicit config lists > the source's official lists > thresholds on train counts."""
@@ -115,18 +96,6 @@ def compute_bin_weights(train_counts: np.ndarray, reweight_cfg, log: Callable = 
     return bin_weights(train_counts, reweight=reweight_cfg.scheme, lds=reweight_cfg.lds,
                        kernel=reweight_cfg.kernel, ks=reweight_cfg.ks, sigma=reweight_cfg.sigma,
                        clip=clip)
-
-
-def check_resample_input(cfg, input_kind: str) -> None:
-    """SMOTER / SMOGN interpolate a feature vector: token ids and images cannot be."""
-    if cfg.resample.method != "none" and input_kind != "features":
-        raise ValueError(
-            f"resample.method={cfg.resample.method!r} needs feature-vector inputs, but "
-            f"data.source={cfg.data.source!r} gives {input_kind!r} inputs"
-            + (" (data.text.encoder: glove)" if cfg.data.source == "sts-b-dir" else "")
-            + ". Use data.text.encoder: minilm (frozen sentence-embedding features) for "
-              "sts-b-dir, a table or synthetic source, or set resample.method: none."
-        )
 
 
 def load_source(cfg) -> SourceData:
@@ -438,11 +407,12 @@ class PreparedData:
 
 # -- [4] the cache ----------------------------------------------------------------------------
 def _fingerprint(path: str) -> Any:
-    """Size and mtime of a local data.path (a file, or a directory's top-level entries), so
-    that an edited file gets a new cache entry. URIs are keyed by their name only."""
-    if not path or "://" in path:
+    """Size and mtime of a local data.path (a file, or a directory's top-level entries; also
+    as a ``file://`` URI), so that an edited file gets a new cache entry. Remote URIs are
+    keyed by their name only."""
+    if not path or is_uri(path):
         return None
-    p = Path(path)
+    p = local_path(path)
     if p.is_file():
         st = p.stat()
         return [st.st_size, st.st_mtime_ns]

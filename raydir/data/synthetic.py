@@ -27,7 +27,8 @@ import numpy as np
 import pandas as pd
 
 from raydir.bins import Bins
-from raydir.data.base import FEATURES, SPLITS, TARGET, SourceData
+from raydir.data.base import (FEATURES, SPLITS, TARGET, EncodeBatch, FeatureEncoder, SourceData,
+                              resolve_bins)
 
 ROWS_PER_BLOCK = 2000  # the Ray Datasets are cut into blocks of at most this many rows
 
@@ -144,9 +145,6 @@ def to_dataset(x: np.ndarray, y: np.ndarray, names: list[str]):
 
 def load(cfg) -> SourceData:
     """The synthetic source: raw columns x0..x{d-1} assembled into a ``features`` vector."""
-    from raydir.data.pipeline import resolve_bins
-    from raydir.data.table import EncodeBatch, FeatureEncoder
-
     syn = cfg.data.synthetic
     natural = default_bins(syn)
     bins = resolve_bins(cfg.bins, natural)  # val / test are balanced over the bins in use

@@ -15,7 +15,6 @@ with ``per_bin_eval`` rows per bin in each of val and test and the rest in train
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ import pandas as pd
 import pyarrow as pa
 
 from raydir.bins import Bins
-from raydir.data.base import FEATURES, SPLITS, TARGET, SourceData
+from raydir.data.base import (FEATURES, SPLITS, TARGET, EncodeBatch, FeatureEncoder, SourceData,
+                              filesystem_for, is_uri, local_path, resolve_bins)
 
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2")
@@ -33,84 +33,7 @@ SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "
                  "dev": "val", "test": "test"}
 
 
-# -- the feature encoder (pure; also used by the logged model at prediction time) ----------
-@dataclass(frozen=True)
-class FeatureEncoder:
-    """Raw table columns -> one float32 feature vector per row.
-
-    ``columns`` keeps the user's column order; a numeric column gives one entry, a column in
-    ``categories`` gives one 0/1 entry per category (fixed from train). A category never
-    seen in train, and a missing categorical value, encode as all zeros.
-    """
-
-    columns: tuple[str, ...]
-    categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
-
-    @property
-    def feature_names(self) -> list[str]:
-        names: list[str] = []
-        for col in self.columns:
-            if col in self.categories:
-                names.extend(f"{col}={cat}" for cat in self.categories[col])
-            else:
-                names.append(col)
-        return names
-
-    @property
-    def num_features(self) -> int:
-        return len(self.feature_names)
-
-    def transform(self, df: pd.DataFrame) -> np.ndarray:
-        """``(n, num_features)`` float32; numeric nulls become NaN (the pipeline rejects them)."""
-        missing = [c for c in self.columns if c not in df.columns]
-        if missing:
-            raise ValueError(
-                f"input is missing column(s) {missing}; the encoder expects {list(self.columns)} "
-                f"and got {list(df.columns)}."
-            )
-        parts = []
-        for col in self.columns:
-            if col in self.categories:
-                values = df[col].astype(object).where(df[col].notna(), None)
-                values = np.array([None if v is None else str(v) for v in values], dtype=object)
-                cats = np.array(self.categories[col], dtype=object)
-                parts.append((values[:, None] == cats[None, :]).astype(np.float32))
-            else:
-                parts.append(pd.to_numeric(df[col], errors="coerce").to_numpy(
-                    dtype=np.float64, na_value=np.nan)[:, None].astype(np.float32))
-        if not parts:
-            return np.zeros((len(df), 0), dtype=np.float32)
-        return np.concatenate(parts, axis=1)
-
-    def to_dict(self) -> dict:
-        return {"columns": list(self.columns),
-                "categories": {c: list(v) for c, v in self.categories.items()}}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FeatureEncoder":
-        return cls(tuple(d["columns"]), {c: tuple(v) for c, v in d.get("categories", {}).items()})
-
-
-class EncodeBatch:
-    """``map_batches`` body: raw pandas batch -> ``features`` vector + float64 ``target``."""
-
-    def __init__(self, encoder: FeatureEncoder, target: str | None):
-        self.encoder = encoder
-        self.target = target
-
-    def __call__(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
-        out = {FEATURES: self.encoder.transform(df)}
-        if self.target is not None:
-            out[TARGET] = pd.to_numeric(df[self.target], errors="coerce").to_numpy(
-                dtype=np.float64, na_value=np.nan)
-        return out
-
-
 # -- reading ----------------------------------------------------------------------------------
-def _is_uri(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
 def detect_format(path: str, fmt: str = "auto") -> str:
     """``parquet`` or ``csv`` from ``data.table.format`` or, under auto, the file suffix."""
     if fmt != "auto":
@@ -119,11 +42,8 @@ def detect_format(path: str, fmt: str = "auto") -> str:
     for suffixes, kind in ((PARQUET_SUFFIXES, "parquet"), (CSV_SUFFIXES, "csv")):
         if lower.endswith(suffixes):
             return kind
-    local = Path(path.removeprefix("file://"))
-    if not _is_uri(path) and local.is_dir():
-        kinds = {("parquet" if f.name.lower().endswith(PARQUET_SUFFIXES) else
-                  "csv" if f.name.lower().endswith(CSV_SUFFIXES) else None)
-                 for f in local.rglob("*") if f.is_file() and not f.name.startswith((".", "_"))}
+    if not is_uri(path) and local_path(path).is_dir():
+        kinds = {_kind_of(f.name) for f in _data_files(local_path(path))}
         kinds.discard(None)
         if len(kinds) == 1:
             return kinds.pop()
@@ -138,20 +58,48 @@ def detect_format(path: str, fmt: str = "auto") -> str:
     )
 
 
+def _kind_of(name: str) -> str | None:
+    lower = name.lower()
+    return "parquet" if lower.endswith(PARQUET_SUFFIXES) else "csv" if lower.endswith(CSV_SUFFIXES) else None
+
+
+def _data_files(folder: Path) -> list[Path]:
+    return [f for f in folder.rglob("*") if f.is_file() and not f.name.startswith((".", "_"))]
+
+
+def check_not_empty(path: str) -> None:
+    """Refuse 0-byte data files up front: Ray Data reports them as a task traceback (CSV) or
+    as "no files found" (Parquet)."""
+    if is_uri(path):
+        fs, base = filesystem_for(path)
+        info = fs.get_file_info(base)
+        empty = [path] if info.type.name == "File" and info.size == 0 else []
+    else:
+        local = local_path(path)
+        files = _data_files(local) if local.is_dir() else [local]
+        empty = [str(f) for f in files if f.stat().st_size == 0]
+    if empty:
+        raise ValueError(
+            f"data.path '{path}': {len(empty)} file(s) are empty (0 bytes): {empty[:5]}; expected "
+            f"a Parquet file, or a CSV file with a header row and data rows. Write the table "
+            f"again, or remove the empty file(s)."
+        )
+
+
 def read_table(path: str, fmt: str = "auto"):
     """A lazy Ray Dataset over the Parquet / CSV file(s) at ``path`` (local or URI)."""
     import ray.data
 
     if not path:
         raise ValueError("'data.path' is empty; set it to the Parquet / CSV file, directory or URI.")
-    if not _is_uri(path) and not Path(path.removeprefix("file://")).exists():
+    if not is_uri(path) and not local_path(path).exists():
         raise FileNotFoundError(
-            f"data.path '{path}' does not exist (resolved to "
-            f"'{Path(path.removeprefix('file://')).resolve()}')."
+            f"data.path '{path}' does not exist (resolved to '{local_path(path).resolve()}')."
         )
     kind = detect_format(path, fmt)
-    if not _is_uri(path):
-        path = os.path.abspath(path.removeprefix("file://"))  # Ray workers may run elsewhere
+    check_not_empty(path)
+    if not is_uri(path):
+        path = str(local_path(path).resolve())  # Ray workers may run elsewhere
     if kind == "parquet":
         return ray.data.read_parquet(path)
     return ray.data.read_csv(path)
@@ -392,8 +340,6 @@ def default_bins(ds, cfg) -> Bins:
 # -- the source -------------------------------------------------------------------------------
 def load(cfg) -> SourceData:
     """Read ``cfg.data.path`` and return its train / val / test splits as a SourceData."""
-    from raydir.data.pipeline import resolve_bins
-
     tcfg, path = cfg.data.table, cfg.data.path
     ds = read_table(path, tcfg.format)
     types = table_columns(ds, path)
