@@ -16,6 +16,10 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from raydir._checks import check_choice, check_positive
+from raydir.bins import FEW_THRESHOLD, MANY_THRESHOLD
+from raydir.kernels import KERNELS
+
 SOURCES = ("synthetic", "sts-b-dir", "agedb-dir", "imdb-wiki-dir", "table")
 
 
@@ -85,8 +89,8 @@ class BinsConfig:
 
 @dataclass
 class ShotsConfig:
-    many_threshold: int = 100        # many-shot: more than this many training rows in the bin
-    few_threshold: int = 20          # few-shot: fewer than this many
+    many_threshold: int = MANY_THRESHOLD  # many-shot: more than this many (100) training rows in the bin
+    few_threshold: int = FEW_THRESHOLD    # few-shot: fewer than this many (20)
     many: list = field(default_factory=list)    # explicit bin lists override the thresholds
     medium: list = field(default_factory=list)  # (sts-b-dir uses its official lists under auto)
 
@@ -344,9 +348,8 @@ class Config:
             raise ValueError(f"'loss.focal_gamma' should be >= 0; got {self.loss.focal_gamma}.")
         for section in ("reweight", "fds"):
             sec = getattr(self, section)
-            _choice(f"{section}.kernel", sec.kernel, ("gaussian", "triang", "laplace"))
-            if not isinstance(sec.ks, int) or sec.ks <= 0 or sec.ks % 2 == 0:
-                raise ValueError(f"'{section}.ks' should be a positive odd integer; got {sec.ks!r}.")
+            _choice(f"{section}.kernel", sec.kernel, KERNELS)
+            _positive(f"{section}.ks", sec.ks, integer=True, odd=True)
             _positive(f"{section}.sigma", sec.sigma)
         _choice("reweight.scheme", self.reweight.scheme, ("none", "inverse", "sqrt_inv"))
         if self.reweight.lds and self.reweight.scheme == "none":
@@ -378,16 +381,9 @@ class Config:
             if not 0.0 < self.resample.threshold <= 1.0:
                 raise ValueError(f"'resample.threshold' should be in (0, 1]; got {self.resample.threshold}.")
             _positive("resample.pert", self.resample.pert)
-            kind = {"agedb-dir": "image", "imdb-wiki-dir": "image"}.get(self.data.source)
-            if self.data.source == "sts-b-dir" and self.data.text.encoder == "glove":
-                kind = "token (data.text.encoder: glove)"
-            if kind:  # the pipeline checks the source's input kind again (raydir.data.pipeline)
-                raise ValueError(
-                    f"'resample.method' is {self.resample.method!r} but data.source="
-                    f"{self.data.source!r} gives {kind} inputs; SMOTER / SMOGN interpolate "
-                    f"feature vectors only. Use a feature source (synthetic, table, or sts-b-dir "
-                    f"with data.text.encoder: minilm), or set resample.method: none."
-                )
+            from raydir.data.base import check_resample_input, input_kind_of
+
+            check_resample_input(self, input_kind_of(self.data))  # the pipeline: the loaded kind
         _positive("train.num_workers", self.train.num_workers)
         _positive("train.epochs", self.train.epochs)
         _positive("train.batch_size", self.train.batch_size)
@@ -479,14 +475,8 @@ def _validate_tune(t: "TuneConfig") -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------
-def _choice(name: str, value: Any, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"'{name}' should be one of {list(choices)}; got {value!r}.")
-
-
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"'{name}' should be a positive number; got {value!r}.")
+_choice = check_choice
+_positive = check_positive
 
 
 def _build(cls, raw: Any, prefix: str):

@@ -82,16 +82,6 @@ def metrics_callback(tracking_uri: str, run_id: str, final_step: int):
     return MetricsToMlflow()
 
 
-def flatten_metrics(result: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
-    """``{"overall": {"mae": ..}, "few": {..}}`` -> ``{"val_mae": .., "val_few_mae": ..}``."""
-    out = {}
-    for region, values in result.items():
-        for name, value in values.items():
-            key = f"{prefix}_{name}" if region == "overall" else f"{prefix}_{region}_{name}"
-            out[key] = value
-    return out
-
-
 # -- the logged model -----------------------------------------------------------------------
 try:
     import mlflow.pyfunc
@@ -302,3 +292,13 @@ def np_isnan(x) -> bool:
     import math
 
     return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def __getattr__(name: str):
+    # flatten_metrics moved to raydir.metrics; kept importable from here for older imports
+    # without importing torch with this module.
+    if name == "flatten_metrics":
+        from raydir.metrics import flatten_metrics
+
+        return flatten_metrics
+    raise AttributeError(f"module 'raydir.tracking' has no attribute {name!r}")

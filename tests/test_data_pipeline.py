@@ -77,6 +77,43 @@ def test_cache_key_follows_data_and_bins_but_not_reweight_or_cache_dir(tmp_path)
     assert cache_key(base) != cache_key(synth_config(tmp_path, **{"bins.kind": "uniform"}))
 
 
+def test_edited_file_uri_table_gets_a_new_cache_key(tmp_path):
+    """A ``file://`` table is a local file: its size / mtime enter the key (it used to be
+    treated as a remote URI, so an edited file reused the stale cache)."""
+    import os
+
+    path = small_table(tmp_path)
+    plain = table_config(tmp_path, path)
+    uri = table_config(tmp_path, path.as_uri())
+    assert uri.data.path.startswith("file://")
+    before = cache_key(uri)
+    pd.read_parquet(path).iloc[:60].to_parquet(path, index=False)
+    os.utime(path, ns=(1, 1))  # a different mtime even on a coarse-clock filesystem
+    assert cache_key(uri) != before
+    assert cache_key(plain) != cache_key(table_config(tmp_path, small_table(tmp_path)))
+    remote = table_config(tmp_path, "s3://bucket/t.parquet")
+    assert cache_key(remote) == cache_key(table_config(tmp_path, "s3://bucket/t.parquet"))
+
+
+def test_sources_import_only_from_base():
+    """No source imports the pipeline or another source (they sit below the pipeline)."""
+    import ast
+    from pathlib import Path
+
+    import raydir.data as data
+
+    folder = Path(data.__file__).parent
+    sources = ["table", "synthetic", "stsb", "images"]
+    for name in sources:
+        text = (folder / f"{name}.py").read_text()
+        tree = ast.parse(text)
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        data_modules = {m for m in imported if m.startswith("raydir.data")}
+        assert data_modules <= {"raydir.data.base"}, (name, data_modules)
+        assert "import_module" not in text, name  # no import hidden from the graph
+
+
 def test_resolve_bins():
     cfg = Config.from_dict({"bins": {"kind": "integer", "start": 3, "stop": 100, "merge_below": True}})
     assert resolve_bins(cfg.bins, None) == Bins.integer(3, 100, merge_below=True)
