@@ -38,8 +38,9 @@ class SyntheticConfig:
 @dataclass
 class TableConfig:
     target: str = "target"           # target column
-    features: list = field(default_factory=list)  # feature columns; empty = every other numeric column
-    categorical: str = "error"       # non-numeric feature columns: error | onehot
+    features: list = field(default_factory=list)  # feature columns; empty = every column but target and split
+    categorical: str = "error"       # text / boolean feature columns: error (refused, named) | onehot
+    max_categories: int = 50         # onehot: most frequent categories per column (train); the rest share "<other>"; 0 = no cap
     split_column: str = ""           # column holding train/val/test; empty = build a balanced split
     per_bin_eval: int = 10           # rows per bin for each of val and test when building the split
     format: str = "auto"             # auto | parquet | csv
@@ -313,6 +314,8 @@ class Config:
                 )
         _choice("data.table.categorical", self.data.table.categorical, ("error", "onehot"))
         _choice("data.table.format", self.data.table.format, ("auto", "parquet", "csv"))
+        if self.data.table.max_categories < 0:
+            raise ValueError(f"'data.table.max_categories' should be >= 0 (0 = no cap); got {self.data.table.max_categories}.")
         _choice("data.text.encoder", self.data.text.encoder, ("minilm", "glove"))
         for key in ("batch_size", "num_actors", "max_tokens", "actor_cpus"):
             _positive(f"data.text.{key}", getattr(self.data.text, key))

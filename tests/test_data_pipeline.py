@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from raydir.bins import Bins
 from raydir.config import Config
 from raydir.data import synthetic
-from raydir.data.pipeline import (cache_key, format_prepare_report, histogram, merge_moments,
+from raydir.data.pipeline import (BlockStats, cache_key, format_prepare_report, histogram, merge_moments,
                                   prepare, resolve_bins)
 from raydir.lds import lds_weights
 
@@ -112,6 +113,48 @@ def test_sources_import_only_from_base():
         data_modules = {m for m in imported if m.startswith("raydir.data")}
         assert data_modules <= {"raydir.data.base"}, (name, data_modules)
         assert "import_module" not in text, name  # no import hidden from the graph
+
+
+def test_warnings_for_clipped_and_constant_targets_name_the_column():
+    from raydir.data.base import SourceData
+    from raydir.data.pipeline import SplitStats, _target_notes
+
+    bins = Bins.uniform(0, 10, 10)
+    block = lambda y: BlockStats(bins)({"target": np.asarray(y, np.float64)})  # noqa: E731
+    stats = {}
+    for split, y in {"train": [-1, 3, 4, 12, 15], "val": [5, 11], "test": [2, 3]}.items():
+        r = block(y)
+        stats[split] = SplitStats(rows=int(r["rows"][0]), nonfinite=0, counts=r["counts"][0],
+                                  below=int(r["below"][0]), above=int(r["above"][0]),
+                                  outside_first=[], low=float(r["low"][0]), high=float(r["high"][0]))
+    source = SourceData(splits={}, input_kind="features", input_columns=[], raw_columns=[],
+                        default_bins=bins, meta={"target": "price"})
+    [note] = _target_notes(source, bins, stats)
+    assert "4 value(s) of 'price' outside the bin range [0, 10]" in note
+    assert "(train 3, val 1, test 0" in note and "bins.out_of_range: error" in note
+    assert _target_notes(source, Bins.uniform(0, 10, 10, out_of_range="error"), stats) == []
+    stats["train"] = dataclasses.replace(stats["train"], low=4.0, high=4.0, below=0, above=0)
+    stats["val"].above = 0
+    [note] = _target_notes(source, bins, stats)
+    assert "the target 'price' is constant on train (every row is 4)" in note
+
+
+def test_empty_shot_region_in_val_or_test_warns():
+    from raydir.bins import ShotRegions
+    from raydir.data.pipeline import shot_notes
+
+    cfg = Config.from_dict({"shots": {"many_threshold": 50, "few_threshold": 5}})
+    shots = ShotRegions.from_counts([100, 60, 10, 3], many_threshold=50, few_threshold=5)
+    counts = {"train": np.array([100, 60, 10, 3]), "val": np.array([5, 5, 5, 0]),
+              "test": np.array([0, 0, 5, 0])}
+    notes = shot_notes(shots, counts, cfg.shots)
+    assert len(notes) == 2
+    assert "many-shot region (2 bin(s)" in notes[0] and "['test']" in notes[0]
+    assert "shots.many_threshold=50" in notes[0]
+    assert "few-shot region (1 bin(s)" in notes[1] and "['val', 'test']" in notes[1]
+    assert "few_threshold=5" in notes[1] and "NaN" in notes[1]
+    full = {s: np.array([5, 5, 5, 5]) for s in ("train", "val", "test")}
+    assert shot_notes(shots, full, cfg.shots) == []
 
 
 def test_resolve_bins():

@@ -185,7 +185,7 @@ class FeatureEncoder:
             out.extend([col] * width)
         return out
 
-    def describe(self) -> str:
+    def describe(self, max_columns: int = 12) -> str:
         """``a, b, color (one-hot: blue, red, <other>)`` for logs and reports."""
         parts = []
         for col in self.columns:
@@ -195,7 +195,9 @@ class FeatureEncoder:
                 parts.append(f"{col} (one-hot: {shown})")
             else:
                 parts.append(col)
-        return ", ".join(parts)
+        if len(parts) > max_columns:
+            parts = parts[:max_columns - 2] + ["...", parts[-1]]
+        return f"{', '.join(parts)} ({len(self.columns)} columns -> {self.num_features} inputs)"
 
     def transform(self, df) -> np.ndarray:
         """``(n, num_features)`` float32; numeric nulls and non-numbers become NaN (the
