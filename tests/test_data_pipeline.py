@@ -260,12 +260,12 @@ def test_prepare_synthetic_end_to_end_and_cache(ray_session, tmp_path, monkeypat
 @pytest.mark.ray
 def test_nan_targets_error_or_drop(ray_session, tmp_path):
     path = small_table(tmp_path, nan_targets=3)
-    with pytest.raises(ValueError, match=r"split 'train' has 3 row\(s\) with a NaN / inf target \(first rows: "
-                                         r".*data.nan_policy: drop"):
+    with pytest.raises(ValueError, match=r"split 'train' has 3 row\(s\) with a NaN / inf target \(column "
+                                         r"'y'; first rows: \[\{'a': -?[0-9.]+, 'y': nan.*data.nan_policy: drop"):
         prepare(table_config(tmp_path, path), log=lambda m: None)
     logs: list[str] = []
     prepared = prepare(table_config(tmp_path, path, nan_policy="drop", cache_dir=""), log=logs.append)
-    assert any("dropped 3 row(s) with a NaN / inf target from split 'train'" in m for m in logs)
+    assert any("dropped 3 row(s) with a NaN / inf target ('y') from split 'train'" in m for m in logs)
     assert prepared.sizes == {"train": 27, "val": 30, "test": 30}
     assert prepared.meta["cache_dir"] is None
     y = batch_of(prepared.datasets["train"])["target"]
@@ -275,8 +275,12 @@ def test_nan_targets_error_or_drop(ray_session, tmp_path):
 @pytest.mark.ray
 def test_bad_features_empty_split_and_out_of_range(ray_session, tmp_path):
     path = small_table(tmp_path, nan_features=2)
-    with pytest.raises(ValueError, match=r"column 'features' of split 'train' holds 2 NaN / inf"):
+    with pytest.raises(ValueError) as err:
         prepare(table_config(tmp_path, path), log=lambda m: None)
+    msg = str(err.value)  # the user's columns, not the internal 'features' vector
+    assert "feature column(s) ['a'] of split 'train' hold NaN / inf" in msg
+    assert "{'a': 2}" in msg and "First rows: [{'y': " in msg and "'a': nan" in msg
+    assert "'features'" not in msg
 
     path = small_table(tmp_path, splits=("train", "val"))
     with pytest.raises(ValueError, match=r"split 'test' of source 'table' is empty"):
@@ -312,3 +316,66 @@ def test_train_in_memory_holds_the_same_rows_and_respects_the_mode(ray_session, 
     np.testing.assert_array_equal(weighted["weight"], held.bin_weights.astype(np.float32)[weighted["bin"]])
     with pytest.raises(ValueError, match="train.materialize"):
         prepared.train_in_memory("sometimes")
+
+
+def clipped_table(tmp_path, name="clip.parquet"):
+    """Targets beyond the bins [0, 10] in every split, a balanced split with sparse bins."""
+    rng = np.random.default_rng(1)
+    y = np.concatenate([rng.uniform(0, 10, 300), [-2.0, 11.0, 12.5, 14.0, 30.0]])
+    df = pd.DataFrame({"y": y, "a": rng.normal(size=y.size),
+                       "split": np.resize(np.array(["train", "val", "test"], dtype=object), y.size)})
+    path = tmp_path / name
+    df.to_parquet(path, index=False)
+    return path, df
+
+
+@pytest.mark.ray
+def test_table_prepare_lists_features_and_counts_clipped_targets(ray_session, tmp_path):
+    path, df = clipped_table(tmp_path)
+    logs: list[str] = []
+    cfg = table_config(tmp_path, path, cache_dir=str(tmp_path / "c"))
+    prepared = prepare(cfg, log=logs.append)
+    outside = (df.y < 0) | (df.y > 10)
+    want = {s: int((outside & (df.split == s)).sum()) for s in ("train", "val", "test")}
+    assert sum(want.values()) == 5 and prepared.clipped == want
+    assert prepared.feature_names == ["a"]
+    assert "features: a (1 columns -> 1 inputs)" in logs
+    [note] = [m for m in logs if "out_of_range=clip" in m]
+    assert "5 value(s) of 'y' outside the bin range [0, 10]" in note
+    assert f"(train {want['train']}, val {want['val']}, test {want['test']}" in note
+    report = format_prepare_report(prepared)
+    assert "features: a (1 columns -> 1 inputs)" in report and note in report
+    # reused from the cache: the same counts and warnings
+    logs.clear()
+    again = prepare(cfg, log=logs.append)
+    assert any("reusing cached" in m for m in logs) and note in logs
+    assert again.clipped == want and again.warnings == prepared.warnings
+
+
+@pytest.mark.ray
+def test_balanced_split_of_a_tiny_table_says_too_few_rows(ray_session, tmp_path):
+    path = tmp_path / "tiny.csv"
+    pd.DataFrame({"y": [1.0, 2.0, 3.0, 4.0, 5.0], "a": [1.0, 2.0, 3.0, 4.0, 5.0]}).to_csv(path, index=False)
+    cfg = table_config(tmp_path, path, cache_dir="",
+                       table={"target": "y", "features": ["a"], "split_column": ""})
+    with pytest.raises(ValueError, match=r"too few rows for a balanced split: the table has 5 row\(s\)"
+                                         r".*at least 3 rows"):
+        prepare(cfg, log=lambda m: None)
+
+
+@pytest.mark.ray
+def test_edited_file_uri_table_prepares_new_data(ray_session, tmp_path):
+    import os
+
+    path = small_table(tmp_path)
+    cfg = table_config(tmp_path, path.as_uri())
+    first = prepare(cfg, log=lambda m: None)
+    key = cache_key(cfg)
+    pd.read_parquet(path).iloc[:60].to_parquet(path, index=False)
+    os.utime(path, ns=(1, 1))
+    logs: list[str] = []
+    second = prepare(cfg, log=logs.append)
+    assert cache_key(cfg) != key and not any("reusing cached" in m for m in logs)
+    assert first.sizes == {"train": 30, "val": 30, "test": 30}
+    assert second.sizes == {"train": 20, "val": 20, "test": 20}
+    assert second.meta["cache_dir"] != first.meta["cache_dir"]

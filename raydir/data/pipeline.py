@@ -316,9 +316,17 @@ def _plain(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
-def _describe_row(row: dict, target: str = TARGET) -> dict:
-    """A row for a message, the internal ``target`` column under the user's name."""
-    return {(target if k == TARGET else k): _plain(v) for k, v in row.items()}
+def _describe_row(row: dict, target: str = TARGET, names: list[str] | None = None) -> dict:
+    """A row for a message in the user's names: the target column's, and a short feature
+    vector spelled out by feature name."""
+    out = {}
+    for k, v in row.items():
+        x = np.asarray(v).reshape(-1) if k == FEATURES else None
+        if x is not None and names and len(names) == x.size <= 8:
+            out.update({n: _plain(x[i]) for i, n in enumerate(names)})
+        else:
+            out[target if k == TARGET else k] = _plain(v)
+    return out
 
 
 # -- the result -------------------------------------------------------------------------------
@@ -585,9 +593,10 @@ def _check_split(cfg, source: SourceData, bins: Bins, split: str, st: SplitStats
     if st.nonfinite:
         if cfg.data.nan_policy == "error":
             rows = source.splits[split].map_batches(_NonFiniteRows(), batch_format="numpy").take(FIRST)
+            names = source.meta.get("feature_names")
             raise ValueError(
                 f"split '{split}' has {st.nonfinite} row(s) with a NaN / inf target (column "
-                f"'{target}'; first rows: {[_describe_row(r, target) for r in rows]}). Fix or remove "
+                f"'{target}'; first rows: {[_describe_row(r, target, names) for r in rows]}). Fix or remove "
                 f"them, or set data.nan_policy: drop to drop them (the count is logged)."
             )
         log(f"data.nan_policy=drop: dropped {st.nonfinite} row(s) with a NaN / inf target "
