@@ -188,7 +188,9 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 def log_data_artifacts(uri: str, run_id: str, cfg, prepared) -> None:
-    """Resolved config YAML, train label histogram with the LDS effective density."""
+    """Resolved config YAML, train label histogram with the LDS effective density, and
+    ``data_summary.json``: the features used, targets clipped per split (also metrics
+    ``data_clipped_<split>``) and prepare's warnings."""
     import tempfile
 
     from mlflow.tracking import MlflowClient
@@ -200,7 +202,12 @@ def log_data_artifacts(uri: str, run_id: str, cfg, prepared) -> None:
         (Path(d) / "config.yaml").write_text(cfg.to_yaml())
         report.plot_label_density(prepared.bins, prepared.train_counts, cfg.reweight,
                                   Path(d) / "train_label_density.png")
+        (Path(d) / "data_summary.json").write_text(json.dumps(
+            {"features": prepared.feature_names, "clipped": prepared.clipped,
+             "warnings": prepared.warnings}, indent=1))
         client.log_artifacts(run_id, d)
+    for split, n in prepared.clipped.items():
+        client.log_metric(run_id, f"data_clipped_{split}", n)
 
 
 def finish_run(uri: str, run_id: str, cfg, prepared, info: dict, final: dict, per_bin_csv: str) -> dict:

@@ -331,6 +331,8 @@ def clipped_table(tmp_path, name="clip.parquet"):
 
 @pytest.mark.ray
 def test_table_prepare_lists_features_and_counts_clipped_targets(ray_session, tmp_path):
+    from raydir.bins import ShotRegions
+
     path, df = clipped_table(tmp_path)
     logs: list[str] = []
     cfg = table_config(tmp_path, path, cache_dir=str(tmp_path / "c"))
@@ -350,6 +352,11 @@ def test_table_prepare_lists_features_and_counts_clipped_targets(ray_session, tm
     again = prepare(cfg, log=logs.append)
     assert any("reusing cached" in m for m in logs) and note in logs
     assert again.clipped == want and again.warnings == prepared.warnings
+    # custom shot thresholds reach the prepared regions, also from the cache
+    cfg.shots.many_threshold, cfg.shots.few_threshold = 9, 9
+    custom = prepare(cfg, log=lambda m: None)
+    want_shots = ShotRegions.from_counts(custom.train_counts, many_threshold=9, few_threshold=9)
+    assert custom.shots.to_dict() == want_shots.to_dict() != prepared.shots.to_dict()
 
 
 @pytest.mark.ray
@@ -379,3 +386,33 @@ def test_edited_file_uri_table_prepares_new_data(ray_session, tmp_path):
     assert first.sizes == {"train": 30, "val": 30, "test": 30}
     assert second.sizes == {"train": 20, "val": 20, "test": 20}
     assert second.meta["cache_dir"] != first.meta["cache_dir"]
+
+
+def test_features_clipped_counts_and_warnings_reach_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from raydir import tracking
+    from raydir.bins import ShotRegions
+    from raydir.data.pipeline import PreparedData
+
+    bins = Bins.uniform(0, 10, 10)
+    counts = np.arange(10, dtype=np.int64)
+    warning = "warning: bins.out_of_range=clip: 4 value(s) of 'y' outside the bin range"
+    prepared = PreparedData(
+        datasets={}, bins=bins, shots=ShotRegions.from_counts(counts), train_counts=counts,
+        bin_weights=np.ones(10), feature_mean=np.zeros(2), feature_std=np.ones(2),
+        input_kind="features", input_columns=["features"], raw_columns=["a", "color"],
+        sizes={"train": 45, "val": 9, "test": 9}, split_counts={s: counts for s in ("train", "val", "test")},
+        meta={"feature_names": ["a", "color=red"], "clipped": {"train": 3, "val": 1, "test": 0},
+              "warnings": [warning]})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = Config.from_dict({})
+    client = MlflowClient(uri)
+    run_id = client.create_run(tracking.experiment_id(client, uri, "data")).info.run_id
+    tracking.log_data_artifacts(uri, run_id, cfg, prepared)
+    local = client.download_artifacts(run_id, "data_summary.json", str(tmp_path))
+    summary = json.loads(open(local).read())
+    assert summary == {"features": ["a", "color=red"], "clipped": {"train": 3, "val": 1, "test": 0},
+                       "warnings": [warning]}
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["data_clipped_train"] == 3 and metrics["data_clipped_val"] == 1

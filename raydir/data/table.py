@@ -1,16 +1,25 @@
 """Any Parquet or CSV table as a DIR data source.
 
 ``data.path`` is a local file, a local directory of files, or a URI that pyarrow understands
-(``s3://``, ``gs://``, ``abfs://``, ...); Ray Data reads it in parallel
-(:func:`ray.data.read_parquet` / :func:`ray.data.read_csv`), so nothing is collected on the
-driver. The target column must be numeric. Feature columns are numeric, or categorical
-(strings / booleans) when ``data.table.categorical`` is ``onehot``: their categories are
-fixed from the TRAIN split (a distributed ``unique``) and stored in the
-:class:`FeatureEncoder`, which the logged model reuses on raw prediction inputs.
+(``s3://``, ``gs://``, ``abfs://``, ...; ``file://`` is a local path); Ray Data reads it in
+parallel (:func:`ray.data.read_parquet` / :func:`ray.data.read_csv`), so nothing is collected
+on the driver. A 0-byte file is refused up front. The target column must be numeric.
+
+Features are the columns in ``data.table.features``, or, when it is empty, every column but
+the target and the split column; nothing is left out silently. Numeric columns are used as
+they are; a text column whose every non-blank value is a number (numbers stored as text) is
+converted; other text and boolean columns are categories: refused, by name, under
+``data.table.categorical: error``, one-hot encoded under ``onehot``. Categories are fixed
+from the TRAIN split (one distributed pass counting values) and stored in the
+:class:`~raydir.data.base.FeatureEncoder`, which the logged model reuses on raw prediction
+inputs; beyond ``data.table.max_categories`` the most frequent are kept and the others share
+one ``<other>`` column (with a warning).
 
 Splits come from ``data.table.split_column`` (values train / val / test; dev, valid and
 validation also mean val) or, without one, from :func:`balanced_split`: a DIR-style split
-with ``per_bin_eval`` rows per bin in each of val and test and the rest in train.
+with ``per_bin_eval`` rows per bin in each of val and test and the rest in train; a table too
+small for it is refused with the number of rows needed, and sparse bins that give val / test
+fewer rows are reported (:attr:`SourceData.notes`, logged by the pipeline).
 """
 
 from __future__ import annotations
