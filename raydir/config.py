@@ -296,40 +296,7 @@ class Config:
 
     # -- validation -----------------------------------------------------------------------
     def validate(self) -> None:
-        _choice("data.source", self.data.source, SOURCES)
-        _choice("data.nan_policy", self.data.nan_policy, ("error", "drop"))
-        _choice("data.synthetic.distribution", self.data.synthetic.distribution, ("age", "long_tail", "bimodal"))
-        _positive("data.synthetic.n_train", self.data.synthetic.n_train)
-        _positive("data.synthetic.num_features", self.data.synthetic.num_features)
-        _positive("data.synthetic.per_bin_eval", self.data.synthetic.per_bin_eval)
-        if not self.data.synthetic.high > self.data.synthetic.low:
-            raise ValueError(
-                f"'data.synthetic.high' ({self.data.synthetic.high}) should be greater than "
-                f"'data.synthetic.low' ({self.data.synthetic.low})."
-            )
-        for i, rng in enumerate(self.data.synthetic.carve):
-            if not (isinstance(rng, (list, tuple)) and len(rng) == 2 and rng[0] < rng[1]):
-                raise ValueError(
-                    f"'data.synthetic.carve[{i}]' should be a [low, high] pair with low < high; got {rng!r}."
-                )
-        _choice("data.table.categorical", self.data.table.categorical, ("error", "onehot"))
-        _choice("data.table.format", self.data.table.format, ("auto", "parquet", "csv"))
-        if self.data.table.max_categories < 0:
-            raise ValueError(f"'data.table.max_categories' should be >= 0 (0 = no cap); got {self.data.table.max_categories}.")
-        _choice("data.text.encoder", self.data.text.encoder, ("minilm", "glove"))
-        for key in ("batch_size", "num_actors", "max_tokens", "actor_cpus"):
-            _positive(f"data.text.{key}", getattr(self.data.text, key))
-        if self.data.text.actor_gpus < 0:
-            raise ValueError(f"'data.text.actor_gpus' should be >= 0 (0 = CPU); got {self.data.text.actor_gpus}.")
-        _choice("data.image.bad_images", self.data.image.bad_images, ("error", "skip"))
-        _positive("data.image.size", self.data.image.size)
-        if self.data.image.crop_padding < 0:
-            raise ValueError(f"'data.image.crop_padding' should be >= 0 (0 = no random crop); got {self.data.image.crop_padding}.")
-        if self.data.source in ("sts-b-dir", "agedb-dir", "imdb-wiki-dir", "table") and not self.data.path:
-            raise ValueError(
-                f"'data.path' is required for data.source={self.data.source!r}: the directory "
-                f"(or, for table, the file / URI) to read from."
-            )
+        _validate_data(self.data)
         _choice("bins.kind", self.bins.kind, ("auto", "uniform", "integer"))
         _choice("bins.out_of_range", self.bins.out_of_range, ("clip", "error"))
         if self.bins.kind != "auto" and not self.bins.stop > self.bins.start:
@@ -401,6 +368,44 @@ class Config:
         if self.train.max_failures < -1:
             raise ValueError(f"'train.max_failures' should be >= -1 (-1 = unlimited); got {self.train.max_failures}.")
         _validate_tune(self.tune)
+
+
+def _validate_data(d: "DataConfig") -> None:
+    """The data section (Config.validate's first part)."""
+    _choice("data.source", d.source, SOURCES)
+    _choice("data.nan_policy", d.nan_policy, ("error", "drop"))
+    _choice("data.synthetic.distribution", d.synthetic.distribution, ("age", "long_tail", "bimodal"))
+    _positive("data.synthetic.n_train", d.synthetic.n_train)
+    _positive("data.synthetic.num_features", d.synthetic.num_features)
+    _positive("data.synthetic.per_bin_eval", d.synthetic.per_bin_eval)
+    if not d.synthetic.high > d.synthetic.low:
+        raise ValueError(
+            f"'data.synthetic.high' ({d.synthetic.high}) should be greater than "
+            f"'data.synthetic.low' ({d.synthetic.low})."
+        )
+    for i, rng in enumerate(d.synthetic.carve):
+        if not (isinstance(rng, (list, tuple)) and len(rng) == 2 and rng[0] < rng[1]):
+            raise ValueError(
+                f"'data.synthetic.carve[{i}]' should be a [low, high] pair with low < high; got {rng!r}."
+            )
+    _choice("data.table.categorical", d.table.categorical, ("error", "onehot"))
+    _choice("data.table.format", d.table.format, ("auto", "parquet", "csv"))
+    if d.table.max_categories < 0:
+        raise ValueError(f"'data.table.max_categories' should be >= 0 (0 = no cap); got {d.table.max_categories}.")
+    _choice("data.text.encoder", d.text.encoder, ("minilm", "glove"))
+    for key in ("batch_size", "num_actors", "max_tokens", "actor_cpus"):
+        _positive(f"data.text.{key}", getattr(d.text, key))
+    if d.text.actor_gpus < 0:
+        raise ValueError(f"'data.text.actor_gpus' should be >= 0 (0 = CPU); got {d.text.actor_gpus}.")
+    _choice("data.image.bad_images", d.image.bad_images, ("error", "skip"))
+    _positive("data.image.size", d.image.size)
+    if d.image.crop_padding < 0:
+        raise ValueError(f"'data.image.crop_padding' should be >= 0 (0 = no random crop); got {d.image.crop_padding}.")
+    if d.source in ("sts-b-dir", "agedb-dir", "imdb-wiki-dir", "table") and not d.path:
+        raise ValueError(
+            f"'data.path' is required for data.source={d.source!r}: the directory "
+            f"(or, for table, the file / URI) to read from."
+        )
 
 
 def tune_metric_mode(metric: str) -> str:

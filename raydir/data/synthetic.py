@@ -159,5 +159,5 @@ def load(cfg) -> SourceData:
         default_bins=natural,
         meta={"source": "synthetic", "distribution": syn.distribution, "seed": cfg.data.seed,
               "carve": [list(r) for r in syn.carve], "encoder": encoder.to_dict(),
-              "feature_names": names},
+              "feature_names": names, "features": encoder.describe()},
     )

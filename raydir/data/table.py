@@ -172,9 +172,10 @@ def plan_columns(types: dict[str, pa.DataType], tcfg, path: str) -> tuple[list[s
 
 
 # -- text columns: numbers stored as text, or categories --------------------------------------
-def _blank_is_missing(values: pd.Series) -> pd.Series:
-    text = values.astype(object).where(values.notna(), None)
-    return text.map(lambda v: None if v is None or str(v).strip() == "" else str(v))
+def _present(values: pd.Series) -> pd.Series:
+    """The non-missing values as text; a blank string is a missing value."""
+    text = values.dropna().astype(str)
+    return text[text.str.strip() != ""]
 
 
 def text_profile(df: pd.DataFrame, columns: list[str], *, counts: bool = False) -> dict:
@@ -183,7 +184,7 @@ def text_profile(df: pd.DataFrame, columns: list[str], *, counts: bool = False) 
     with ``counts`` the rows per value. Additive over blocks (:func:`merge_profiles`)."""
     out = {}
     for col in columns:
-        values = _blank_is_missing(df[col]).dropna()
+        values = _present(df[col])
         if pd.api.types.is_bool_dtype(df[col]):
             parsed = pd.Series(np.nan, index=values.index)  # booleans are categories
         else:
