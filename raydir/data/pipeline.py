@@ -542,6 +542,9 @@ def prepare(cfg, *, log: Callable[[str], Any] = print) -> PreparedData:
     for s in SPLITS:
         _check_split(cfg, source, bins, s, stats[s], log)
     notes = list(source.notes) + _target_notes(source, bins, stats)
+    # of the rows read (before resampling: a synthetic row is no user row)
+    read = {"dropped": {s: stats[s].nonfinite for s in SPLITS},
+            "clipped": {s: stats[s].outside if bins.out_of_range == "clip" else 0 for s in SPLITS}}
     # [2b] resample the training split, then redo [2] on it
     splits = dict(source.splits)
     resampled = None
@@ -562,7 +565,7 @@ def prepare(cfg, *, log: Callable[[str], Any] = print) -> PreparedData:
     mapped = {s: splits[s].map_batches(
         FinalizeBatch(bins, source.input_columns, mean, std, drop_nonfinite=bool(stats[s].nonfinite)),
         batch_format="numpy") for s in SPLITS}
-    manifest = _manifest(cfg, source, bins, stats, mean, std, resampled, notes)
+    manifest = _manifest(cfg, source, bins, stats, mean, std, resampled, notes, read)
 
     # [4] cache
     if entry is not None:
@@ -673,21 +676,19 @@ def _resample_train(cfg, source: SourceData, train, train_stats: SplitStats, bin
     log(f"resample.method={cfg.resample.method}: train {resampled['original_rows']:,} -> "
         f"{int(st.counts.sum()):,} rows over {len(plan.regions)} target regions "
         f"({time.perf_counter() - t1:.1f} s)")
-    # the clipped counts stay those of the rows read (a synthetic row is no user row)
-    st.below, st.above = train_stats.below, train_stats.above
     return train, st, resampled
 
 
 def _manifest(cfg, source: SourceData, bins: Bins, stats: dict[str, SplitStats], mean, std,
-              resampled, notes: list[str]) -> dict:
+              resampled, notes: list[str], read: dict[str, dict[str, int]]) -> dict:
     counts = {s: stats[s].counts for s in SPLITS}
     return {
         "version": CACHE_VERSION,
         "source": cfg.data.source,
         "sizes": {s: int(counts[s].sum()) for s in SPLITS},
         "counts": {s: counts[s].tolist() for s in SPLITS},
-        "dropped": {s: stats[s].nonfinite for s in SPLITS},
-        "clipped": {s: stats[s].outside if bins.out_of_range == "clip" else 0 for s in SPLITS},
+        "dropped": read["dropped"],
+        "clipped": read["clipped"],
         "notes": list(notes),
         "bins": bins.to_dict(),
         "default_shots": None if source.default_shots is None else source.default_shots.to_dict(),
@@ -775,7 +776,6 @@ def format_prepare_report(prepared: PreparedData, *, max_lines: int = 25, width:
     dropped = {s: n for s, n in prepared.meta.get("dropped", {}).items() if n}
     if dropped:
         lines.append(f"dropped (non-finite target): {dropped}")
-
     rs = prepared.resample_params()
     if rs:
         shots = ", ".join(f"{shot} {rs[f'resample.original_{shot}_rows']:,} -> "
