@@ -294,6 +294,11 @@ def test_balanced_split_from_one_table(ray_session, tmp_path):
     for s in ("val", "test"):
         np.testing.assert_array_equal(bins.histogram(got[s]), expected)
     np.testing.assert_array_equal(bins.histogram(got["train"]), counts - 2 * expected)
+    short = (counts > 0) & (expected < 10)
+    assert short.any()  # the tails are sparse: the split says how much it shrank there
+    [note] = [n for n in source.notes if "balanced split" in n]
+    assert f"{short.sum()} of {(counts > 0).sum()} occupied bins" in note
+    assert f"val and test hold {expected.sum()} rows each" in note
     all_y = np.sort(np.concatenate([got[s] for s in got]))
     np.testing.assert_allclose(all_y, np.sort(frame.y.to_numpy()))  # a partition of the rows
     assert not np.isin(got["val"], got["test"]).any()

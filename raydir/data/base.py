@@ -34,6 +34,12 @@ class SourceData:
       - ``"image"``: a uint8 HxWx3 tensor column ``image``.
     ``raw_columns`` are what a user passes at prediction time (the logged MLflow model takes
     these and does the preprocessing itself).
+
+    ``meta`` keys the pipeline reads for messages and reports: ``target`` (the user's name of
+    the target column), ``feature_names`` (one per entry of the feature vector),
+    ``feature_columns`` (the raw column of each entry) and ``features`` (a one-line summary).
+    ``notes`` are warnings for the user (a capped category, a shrunk split, ...); the pipeline
+    logs them and keeps them with the cached splits.
     """
 
     splits: dict[str, Any]
@@ -219,7 +225,8 @@ class FeatureEncoder:
                 onehot = values[:, None] == cats[None, :]
                 parts.append(onehot.astype(np.float32))
                 if col in self.other:
-                    rest = (values != None) & ~onehot.any(axis=1)  # noqa: E711 - elementwise
+                    present = np.array([v is not None for v in values], dtype=bool)
+                    rest = present & ~onehot.any(axis=1)
                     parts.append(rest[:, None].astype(np.float32))
             else:
                 parts.append(pd.to_numeric(df[col], errors="coerce").to_numpy(

@@ -34,7 +34,7 @@ import pandas as pd
 import pyarrow as pa
 
 from raydir.bins import Bins
-from raydir.data.base import (FEATURES, OTHER, SPLITS, TARGET, EncodeBatch, FeatureEncoder, SourceData,
+from raydir.data.base import (FEATURES, OTHER, SPLITS, EncodeBatch, FeatureEncoder, SourceData,
                               filesystem_for, is_uri, local_path, resolve_bins)
 
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
