@@ -17,6 +17,11 @@ import numpy as np
 from raydir._checks import as_numpy, check_choice, check_finite, check_positive, to_numpy_1d
 
 OUT_OF_RANGE = ("clip", "error")
+# Shot regions from training counts (Yang et al. 2021): many if a bin has more than
+# MANY_THRESHOLD training rows, few if fewer than FEW_THRESHOLD. The one definition of the
+# defaults: the config's shots section and the metrics take them from here.
+MANY_THRESHOLD = 100
+FEW_THRESHOLD = 20
 
 
 class Bins:
@@ -210,8 +215,8 @@ class Bins:
         return np.bincount(idx, weights=w, minlength=self.num_bins)
 
     # -- shot regions ---------------------------------------------------------------------
-    def shot_regions(self, train_counts: Any, *, many_threshold: int = 100,
-                     few_threshold: int = 20) -> "ShotRegions":
+    def shot_regions(self, train_counts: Any, *, many_threshold: int = MANY_THRESHOLD,
+                     few_threshold: int = FEW_THRESHOLD) -> "ShotRegions":
         """Shots from training counts per bin: many if count > ``many_threshold``, few if
         count < ``few_threshold``, medium otherwise. Bins without training data are few."""
         return ShotRegions.from_counts(train_counts, many_threshold=many_threshold,
@@ -252,7 +257,8 @@ class ShotRegions:
 
     @classmethod
     def from_counts(cls, train_counts: Any, *, num_bins: int | None = None,
-                    many_threshold: int = 100, few_threshold: int = 20) -> "ShotRegions":
+                    many_threshold: int = MANY_THRESHOLD,
+                    few_threshold: int = FEW_THRESHOLD) -> "ShotRegions":
         counts = to_numpy_1d("train_counts", train_counts)
         check_finite("train_counts", counts)
         if (counts < 0).any():

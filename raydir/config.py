@@ -16,6 +16,10 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from raydir._checks import check_choice, check_positive
+from raydir.bins import FEW_THRESHOLD, MANY_THRESHOLD
+from raydir.kernels import KERNELS
+
 SOURCES = ("synthetic", "sts-b-dir", "agedb-dir", "imdb-wiki-dir", "table")
 
 
@@ -34,8 +38,9 @@ class SyntheticConfig:
 @dataclass
 class TableConfig:
     target: str = "target"           # target column
-    features: list = field(default_factory=list)  # feature columns; empty = every other numeric column
-    categorical: str = "error"       # non-numeric feature columns: error | onehot
+    features: list = field(default_factory=list)  # feature columns; empty = every column but target and split
+    categorical: str = "error"       # text / boolean feature columns: error (refused, named) | onehot
+    max_categories: int = 50         # onehot: most frequent categories per column (train); the rest share "<other>"; 0 = no cap
     split_column: str = ""           # column holding train/val/test; empty = build a balanced split
     per_bin_eval: int = 10           # rows per bin for each of val and test when building the split
     format: str = "auto"             # auto | parquet | csv
@@ -85,8 +90,8 @@ class BinsConfig:
 
 @dataclass
 class ShotsConfig:
-    many_threshold: int = 100        # many-shot: more than this many training rows in the bin
-    few_threshold: int = 20          # few-shot: fewer than this many
+    many_threshold: int = MANY_THRESHOLD  # many-shot: more than this many (100) training rows in the bin
+    few_threshold: int = FEW_THRESHOLD    # few-shot: fewer than this many (20)
     many: list = field(default_factory=list)    # explicit bin lists override the thresholds
     medium: list = field(default_factory=list)  # (sts-b-dir uses its official lists under auto)
 
@@ -332,38 +337,7 @@ class Config:
 
     # -- validation -----------------------------------------------------------------------
     def validate(self) -> None:
-        _choice("data.source", self.data.source, SOURCES)
-        _choice("data.nan_policy", self.data.nan_policy, ("error", "drop"))
-        _choice("data.synthetic.distribution", self.data.synthetic.distribution, ("age", "long_tail", "bimodal"))
-        _positive("data.synthetic.n_train", self.data.synthetic.n_train)
-        _positive("data.synthetic.num_features", self.data.synthetic.num_features)
-        _positive("data.synthetic.per_bin_eval", self.data.synthetic.per_bin_eval)
-        if not self.data.synthetic.high > self.data.synthetic.low:
-            raise ValueError(
-                f"'data.synthetic.high' ({self.data.synthetic.high}) should be greater than "
-                f"'data.synthetic.low' ({self.data.synthetic.low})."
-            )
-        for i, rng in enumerate(self.data.synthetic.carve):
-            if not (isinstance(rng, (list, tuple)) and len(rng) == 2 and rng[0] < rng[1]):
-                raise ValueError(
-                    f"'data.synthetic.carve[{i}]' should be a [low, high] pair with low < high; got {rng!r}."
-                )
-        _choice("data.table.categorical", self.data.table.categorical, ("error", "onehot"))
-        _choice("data.table.format", self.data.table.format, ("auto", "parquet", "csv"))
-        _choice("data.text.encoder", self.data.text.encoder, ("minilm", "glove"))
-        for key in ("batch_size", "num_actors", "max_tokens", "actor_cpus"):
-            _positive(f"data.text.{key}", getattr(self.data.text, key))
-        if self.data.text.actor_gpus < 0:
-            raise ValueError(f"'data.text.actor_gpus' should be >= 0 (0 = CPU); got {self.data.text.actor_gpus}.")
-        _choice("data.image.bad_images", self.data.image.bad_images, ("error", "skip"))
-        _positive("data.image.size", self.data.image.size)
-        if self.data.image.crop_padding < 0:
-            raise ValueError(f"'data.image.crop_padding' should be >= 0 (0 = no random crop); got {self.data.image.crop_padding}.")
-        if self.data.source in ("sts-b-dir", "agedb-dir", "imdb-wiki-dir", "table") and not self.data.path:
-            raise ValueError(
-                f"'data.path' is required for data.source={self.data.source!r}: the directory "
-                f"(or, for table, the file / URI) to read from."
-            )
+        _validate_data(self.data)
         _choice("bins.kind", self.bins.kind, ("auto", "uniform", "integer"))
         _choice("bins.out_of_range", self.bins.out_of_range, ("clip", "error"))
         if self.bins.kind != "auto" and not self.bins.stop > self.bins.start:
@@ -385,9 +359,8 @@ class Config:
             raise ValueError(f"'loss.focal_gamma' should be >= 0; got {self.loss.focal_gamma}.")
         for section in ("reweight", "fds"):
             sec = getattr(self, section)
-            _choice(f"{section}.kernel", sec.kernel, ("gaussian", "triang", "laplace"))
-            if not isinstance(sec.ks, int) or sec.ks <= 0 or sec.ks % 2 == 0:
-                raise ValueError(f"'{section}.ks' should be a positive odd integer; got {sec.ks!r}.")
+            _choice(f"{section}.kernel", sec.kernel, KERNELS)
+            _positive(f"{section}.ks", sec.ks, integer=True, odd=True)
             _positive(f"{section}.sigma", sec.sigma)
         _choice("reweight.scheme", self.reweight.scheme, ("none", "inverse", "sqrt_inv", "dense"))
         if self.reweight.lds and self.reweight.scheme in ("none", "dense"):
@@ -421,16 +394,9 @@ class Config:
             if not 0.0 < self.resample.threshold <= 1.0:
                 raise ValueError(f"'resample.threshold' should be in (0, 1]; got {self.resample.threshold}.")
             _positive("resample.pert", self.resample.pert)
-            kind = {"agedb-dir": "image", "imdb-wiki-dir": "image"}.get(self.data.source)
-            if self.data.source == "sts-b-dir" and self.data.text.encoder == "glove":
-                kind = "token (data.text.encoder: glove)"
-            if kind:  # the pipeline checks the source's input kind again (raydir.data.pipeline)
-                raise ValueError(
-                    f"'resample.method' is {self.resample.method!r} but data.source="
-                    f"{self.data.source!r} gives {kind} inputs; SMOTER / SMOGN interpolate "
-                    f"feature vectors only. Use a feature source (synthetic, table, or sts-b-dir "
-                    f"with data.text.encoder: minilm), or set resample.method: none."
-                )
+            from raydir.data.base import check_resample_input, input_kind_of
+
+            check_resample_input(self, input_kind_of(self.data))  # the pipeline: the loaded kind
         _positive("train.num_workers", self.train.num_workers)
         _positive("train.epochs", self.train.epochs)
         _positive("train.batch_size", self.train.batch_size)
@@ -471,6 +437,44 @@ def _validate_methods(c: "Config") -> None:
         )
     if not 0.0 <= c.srl.momentum < 1.0:
         raise ValueError(f"'srl.momentum' should be in [0, 1); got {c.srl.momentum}.")
+
+
+def _validate_data(d: "DataConfig") -> None:
+    """The data section (Config.validate's first part)."""
+    _choice("data.source", d.source, SOURCES)
+    _choice("data.nan_policy", d.nan_policy, ("error", "drop"))
+    _choice("data.synthetic.distribution", d.synthetic.distribution, ("age", "long_tail", "bimodal"))
+    _positive("data.synthetic.n_train", d.synthetic.n_train)
+    _positive("data.synthetic.num_features", d.synthetic.num_features)
+    _positive("data.synthetic.per_bin_eval", d.synthetic.per_bin_eval)
+    if not d.synthetic.high > d.synthetic.low:
+        raise ValueError(
+            f"'data.synthetic.high' ({d.synthetic.high}) should be greater than "
+            f"'data.synthetic.low' ({d.synthetic.low})."
+        )
+    for i, rng in enumerate(d.synthetic.carve):
+        if not (isinstance(rng, (list, tuple)) and len(rng) == 2 and rng[0] < rng[1]):
+            raise ValueError(
+                f"'data.synthetic.carve[{i}]' should be a [low, high] pair with low < high; got {rng!r}."
+            )
+    _choice("data.table.categorical", d.table.categorical, ("error", "onehot"))
+    _choice("data.table.format", d.table.format, ("auto", "parquet", "csv"))
+    if d.table.max_categories < 0:
+        raise ValueError(f"'data.table.max_categories' should be >= 0 (0 = no cap); got {d.table.max_categories}.")
+    _choice("data.text.encoder", d.text.encoder, ("minilm", "glove"))
+    for key in ("batch_size", "num_actors", "max_tokens", "actor_cpus"):
+        _positive(f"data.text.{key}", getattr(d.text, key))
+    if d.text.actor_gpus < 0:
+        raise ValueError(f"'data.text.actor_gpus' should be >= 0 (0 = CPU); got {d.text.actor_gpus}.")
+    _choice("data.image.bad_images", d.image.bad_images, ("error", "skip"))
+    _positive("data.image.size", d.image.size)
+    if d.image.crop_padding < 0:
+        raise ValueError(f"'data.image.crop_padding' should be >= 0 (0 = no random crop); got {d.image.crop_padding}.")
+    if d.source in ("sts-b-dir", "agedb-dir", "imdb-wiki-dir", "table") and not d.path:
+        raise ValueError(
+            f"'data.path' is required for data.source={d.source!r}: the directory "
+            f"(or, for table, the file / URI) to read from."
+        )
 
 
 def tune_metric_mode(metric: str) -> str:
@@ -548,19 +552,13 @@ def _validate_tune(t: "TuneConfig") -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------
-def _choice(name: str, value: Any, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"'{name}' should be one of {list(choices)}; got {value!r}.")
+_choice = check_choice
+_positive = check_positive
 
 
 def _non_negative(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"'{name}' should be a number >= 0 (0 = off); got {value!r}.")
-
-
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"'{name}' should be a positive number; got {value!r}.")
 
 
 def _build(cls, raw: Any, prefix: str):

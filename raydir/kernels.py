@@ -7,8 +7,6 @@ explicit argument here instead of two hidden copies.
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import gaussian_filter1d
-from scipy.signal.windows import triang
 
 from raydir._checks import check_choice, check_positive
 
@@ -31,6 +29,9 @@ def kernel_window(kind: str = "gaussian", ks: int = 5, sigma: float = 2.0,
     check_choice("kind", kind, KERNELS)
     check_choice("normalize", normalize, NORMALIZATIONS)
     check_positive("ks", ks, integer=True, odd=True)
+    from scipy.ndimage import gaussian_filter1d  # here: config imports KERNELS, not scipy
+    from scipy.signal.windows import triang
+
     ks = int(ks)
     half = ks // 2
     if kind == "triang":

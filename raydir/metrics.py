@@ -10,11 +10,15 @@ Pure functions first, a thin stateful shell second (STYLE.md, rules 1-2):
   ``mse, mae, gmean, pearson, spearman, count``.
 - :func:`shot_metrics` does both on numpy / torch arrays in one call.
 - :class:`ShotMetricAccumulator` is the batch-by-batch, distributed version for evaluation loops.
+- :func:`flatten_metrics` names the results for MLflow (``val_mae``, ``val_few_mae``, ...).
 
 Conventions (the reference DIR code's ``shot_metrics``, Yang et al. 2021):
 
 - A row's shot region is that of the bin of its *target*; regions come from training counts
-  (many > 100, few < 20, medium otherwise) or from fixed bin lists (STS-B-DIR).
+  (many > ``shots.many_threshold``, few < ``shots.few_threshold``, medium otherwise; the
+  defaults 100 / 20 are :data:`raydir.bins.MANY_THRESHOLD` / ``FEW_THRESHOLD``) or from fixed
+  bin lists (STS-B-DIR). The thresholds are applied once, where the :class:`ShotRegions` is
+  built; every function here takes that ``ShotRegions`` (or the thresholds) as given.
 - ``gmean`` is the geometric mean of |pred - target|, as ``scipy.stats.gmean``: a single
   exact-zero error in a region makes its GM 0. Zero errors are counted separately
   (``zero_err_count``) so the rule survives merging and all-reduce.
@@ -34,7 +38,7 @@ import numpy as np
 import torch
 
 from raydir._checks import as_numpy, check_finite, check_same_length, to_numpy_1d
-from raydir.bins import SHOTS, Bins, ShotRegions
+from raydir.bins import FEW_THRESHOLD, MANY_THRESHOLD, SHOTS, Bins, ShotRegions
 from raydir.distributed import all_gather_columns, all_reduce_sum
 
 REGIONS = ("overall",) + SHOTS
@@ -281,8 +285,6 @@ def _spearman(p: np.ndarray, t: np.ndarray) -> float:
 
 def _resolve_shots(bins: Bins, train_counts: Any, shots: ShotRegions | None,
                    many_threshold: int, few_threshold: int) -> ShotRegions:
-    if not isinstance(bins, Bins):
-        raise TypeError(f"'bins' should be a raydir.bins.Bins; got {type(bins).__name__}.")
     if (train_counts is None) == (shots is None):
         got = "both" if shots is not None else "neither"
         raise ValueError(
@@ -291,8 +293,16 @@ def _resolve_shots(bins: Bins, train_counts: Any, shots: ShotRegions | None,
             f"{got}."
         )
     if shots is None:
+        if not isinstance(bins, Bins):
+            raise TypeError(f"'bins' should be a raydir.bins.Bins; got {type(bins).__name__}.")
         shots = ShotRegions.from_counts(train_counts, num_bins=bins.num_bins,
                                         many_threshold=many_threshold, few_threshold=few_threshold)
+    return _check_shots(bins, shots)
+
+
+def _check_shots(bins: Bins, shots: ShotRegions) -> ShotRegions:
+    if not isinstance(bins, Bins):
+        raise TypeError(f"'bins' should be a raydir.bins.Bins; got {type(bins).__name__}.")
     if not isinstance(shots, ShotRegions):
         raise TypeError(f"'shots' should be a ShotRegions; got {type(shots).__name__}.")
     if shots.num_bins != bins.num_bins:
@@ -304,8 +314,8 @@ def _resolve_shots(bins: Bins, train_counts: Any, shots: ShotRegions | None,
 
 
 def shot_metrics(pred: Any, target: Any, *, bins: Bins, train_counts: Any = None,
-                 shots: ShotRegions | None = None, many_threshold: int = 100,
-                 few_threshold: int = 20) -> dict:
+                 shots: ShotRegions | None = None, many_threshold: int = MANY_THRESHOLD,
+                 few_threshold: int = FEW_THRESHOLD) -> dict:
     """MSE, MAE, GM, Pearson, Spearman and row count, overall and per shot region.
 
     Exactly one of ``train_counts`` (training rows per bin of ``bins``; many if
@@ -321,6 +331,16 @@ def shot_metrics(pred: Any, target: Any, *, bins: Bins, train_counts: Any = None
     idx = bins.index(t, name="target")
     stats = bin_stats(p, t, idx, bins.num_bins, shift=bins.centers)
     return metrics_from_stats(stats, shots, spearman_by_region(p, t, idx, shots))
+
+
+def flatten_metrics(result: Mapping[str, Mapping[str, float]], prefix: str) -> dict[str, float]:
+    """``{"overall": {"mae": ..}, "few": {..}}`` -> ``{"val_mae": .., "val_few_mae": ..}``."""
+    out = {}
+    for region, values in result.items():
+        for name, value in values.items():
+            key = f"{prefix}_{name}" if region == "overall" else f"{prefix}_{region}_{name}"
+            out[key] = value
+    return out
 
 
 def per_bin_table(stats: BinStats, bins: Bins | None = None,
@@ -365,7 +385,7 @@ class ShotMetricAccumulator:
                 f"'shots' should be a ShotRegions (e.g. bins.shot_regions(train_counts)); got "
                 f"{type(shots).__name__}."
             )
-        self.shots = _resolve_shots(bins, None, shots, 100, 20)
+        self.shots = _check_shots(bins, shots)
         self.bins = bins
         self.spearman = bool(spearman)
         self.device = device

@@ -220,11 +220,12 @@ def _needed_columns(info: dict, available: list[str]) -> list[str]:
 
 
 def read_input(path: str):
-    from raydir.data.table import _is_uri, read_table
+    from raydir.data.base import is_uri, local_path
+    from raydir.data.table import read_table
 
-    if not _is_uri(path) and not Path(path.removeprefix("file://")).exists():
+    if not is_uri(path) and not local_path(path).exists():
         raise FileNotFoundError(f"--input '{path}' does not exist (resolved to "
-                                f"'{Path(path.removeprefix('file://')).resolve()}').")
+                                f"'{local_path(path).resolve()}').")
     return read_table(path)
 
 
@@ -442,7 +443,7 @@ def _log_evaluation(uri: str, cfg, ref: ModelRef, split: str, result: dict, per_
     from mlflow.tracking import MlflowClient
 
     from raydir import report, tracking
-    from raydir.tracking import flatten_metrics
+    from raydir.metrics import flatten_metrics
 
     client = MlflowClient(uri, registry_uri=uri)
     exp_id = tracking.experiment_id(client, uri, cfg.tracking.experiment)

@@ -82,16 +82,6 @@ def metrics_callback(tracking_uri: str, run_id: str, final_step: int):
     return MetricsToMlflow()
 
 
-def flatten_metrics(result: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
-    """``{"overall": {"mae": ..}, "few": {..}}`` -> ``{"val_mae": .., "val_few_mae": ..}``."""
-    out = {}
-    for region, values in result.items():
-        for name, value in values.items():
-            key = f"{prefix}_{name}" if region == "overall" else f"{prefix}_{region}_{name}"
-            out[key] = value
-    return out
-
-
 # -- the logged model -----------------------------------------------------------------------
 try:
     import mlflow.pyfunc
@@ -198,7 +188,9 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 
 def log_data_artifacts(uri: str, run_id: str, cfg, prepared) -> None:
-    """Resolved config YAML, train label histogram with the LDS effective density."""
+    """Resolved config YAML, train label histogram with the LDS effective density, and
+    ``data_summary.json``: the features used, targets clipped per split (also metrics
+    ``data_clipped_<split>``) and prepare's warnings."""
     import tempfile
 
     from mlflow.tracking import MlflowClient
@@ -210,7 +202,12 @@ def log_data_artifacts(uri: str, run_id: str, cfg, prepared) -> None:
         (Path(d) / "config.yaml").write_text(cfg.to_yaml())
         report.plot_label_density(prepared.bins, prepared.train_counts, cfg.reweight,
                                   Path(d) / "train_label_density.png")
+        (Path(d) / "data_summary.json").write_text(json.dumps(
+            {"features": prepared.feature_names, "clipped": prepared.clipped,
+             "warnings": prepared.warnings}, indent=1))
         client.log_artifacts(run_id, d)
+    for split, n in prepared.clipped.items():
+        client.log_metric(run_id, f"data_clipped_{split}", n)
 
 
 def finish_run(uri: str, run_id: str, cfg, prepared, info: dict, final: dict, per_bin_csv: str) -> dict:
@@ -302,3 +299,13 @@ def np_isnan(x) -> bool:
     import math
 
     return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def __getattr__(name: str):
+    # flatten_metrics moved to raydir.metrics; kept importable from here for older imports
+    # without importing torch with this module.
+    if name == "flatten_metrics":
+        from raydir.metrics import flatten_metrics
+
+        return flatten_metrics
+    raise AttributeError(f"module 'raydir.tracking' has no attribute {name!r}")

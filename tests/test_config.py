@@ -30,7 +30,7 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize("raw, fragment", [
     ({"fds": {"kss": 3}}, "unknown config key 'fds.kss'. Did you mean 'fds.ks'?"),
     ({"nope": {}}, "unknown config key 'nope'"),
-    ({"fds": {"ks": 4}}, "'fds.ks' should be a positive odd integer; got 4"),
+    ({"fds": {"ks": 4}}, "'fds.ks' should be a positive odd integer (the window must have a centre); got 4"),
     ({"reweight": {"sigma": 0}}, "'reweight.sigma' should be a positive number"),
     ({"reweight": {"lds": True}}, "Set reweight.scheme to inverse or sqrt_inv"),
     ({"loss": {"name": "l3"}}, "'loss.name' should be one of"),
@@ -60,3 +60,29 @@ def test_cli_config_error_exits_before_ray(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["2", "False", "False"]
     assert "unknown config key 'train.epoch'" in out.stderr
+
+
+def test_kernel_names_come_from_kernels_module():
+    """The config accepts exactly the kernels that ``kernel_window`` knows, and says which."""
+    from raydir.kernels import KERNELS, kernel_window
+
+    for kind in KERNELS:
+        cfg = Config.from_dict({"reweight": {"scheme": "inverse", "lds": True, "kernel": kind},
+                                "fds": {"kernel": kind}})
+        assert kernel_window(cfg.fds.kernel, cfg.fds.ks, cfg.fds.sigma).shape == (cfg.fds.ks,)
+    with pytest.raises(ValueError) as err:
+        Config.from_dict({"fds": {"kernel": "cosine"}})
+    assert f"'fds.kernel' should be one of {sorted(KERNELS)}; got 'cosine'" in str(err.value)
+
+
+def test_choice_and_positive_messages_come_from_checks():
+    from raydir import _checks
+
+    for raw, call in (({"train": {"optimizer": "lion"}},
+                       lambda: _checks.check_choice("train.optimizer", "lion", ("adam", "sgd"))),
+                      ({"train": {"lr": -0.1}}, lambda: _checks.check_positive("train.lr", -0.1))):
+        with pytest.raises(ValueError) as ours:
+            Config.from_dict(raw)
+        with pytest.raises(ValueError) as theirs:
+            call()
+        assert str(ours.value) == str(theirs.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from raydir.bins import Bins
 from raydir.config import Config
 from raydir.data import synthetic
-from raydir.data.pipeline import (cache_key, format_prepare_report, histogram, merge_moments,
+from raydir.data.pipeline import (BlockStats, cache_key, format_prepare_report, histogram, merge_moments,
                                   prepare, resolve_bins)
 from raydir.lds import lds_weights
 
@@ -75,6 +76,85 @@ def test_cache_key_follows_data_and_bins_but_not_reweight_or_cache_dir(tmp_path)
     assert cache_key(base) == cache_key(synth_config(tmp_path, **{"data.table.target": "t"}))
     assert cache_key(base) != cache_key(synth_config(tmp_path, **{"data.seed": 4}))
     assert cache_key(base) != cache_key(synth_config(tmp_path, **{"bins.kind": "uniform"}))
+
+
+def test_edited_file_uri_table_gets_a_new_cache_key(tmp_path):
+    """A ``file://`` table is a local file: its size / mtime enter the key (it used to be
+    treated as a remote URI, so an edited file reused the stale cache)."""
+    import os
+
+    path = small_table(tmp_path)
+    plain = table_config(tmp_path, path)
+    uri = table_config(tmp_path, path.as_uri())
+    assert uri.data.path.startswith("file://")
+    before = cache_key(uri)
+    pd.read_parquet(path).iloc[:60].to_parquet(path, index=False)
+    os.utime(path, ns=(1, 1))  # a different mtime even on a coarse-clock filesystem
+    assert cache_key(uri) != before
+    assert cache_key(plain) != cache_key(table_config(tmp_path, small_table(tmp_path)))
+    remote = table_config(tmp_path, "s3://bucket/t.parquet")
+    assert cache_key(remote) == cache_key(table_config(tmp_path, "s3://bucket/t.parquet"))
+
+
+def test_sources_import_only_from_base():
+    """No source imports the pipeline or another source (they sit below the pipeline)."""
+    import ast
+    from pathlib import Path
+
+    import raydir.data as data
+
+    folder = Path(data.__file__).parent
+    sources = ["table", "synthetic", "stsb", "images"]
+    for name in sources:
+        text = (folder / f"{name}.py").read_text()
+        tree = ast.parse(text)
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        data_modules = {m for m in imported if m.startswith("raydir.data")}
+        assert data_modules <= {"raydir.data.base"}, (name, data_modules)
+        assert "import_module" not in text, name  # no import hidden from the graph
+
+
+def test_warnings_for_clipped_and_constant_targets_name_the_column():
+    from raydir.data.base import SourceData
+    from raydir.data.pipeline import SplitStats, _target_notes
+
+    bins = Bins.uniform(0, 10, 10)
+    block = lambda y: BlockStats(bins)({"target": np.asarray(y, np.float64)})  # noqa: E731
+    stats = {}
+    for split, y in {"train": [-1, 3, 4, 12, 15], "val": [5, 11], "test": [2, 3]}.items():
+        r = block(y)
+        stats[split] = SplitStats(rows=int(r["rows"][0]), nonfinite=0, counts=r["counts"][0],
+                                  below=int(r["below"][0]), above=int(r["above"][0]),
+                                  outside_first=[], low=float(r["low"][0]), high=float(r["high"][0]))
+    source = SourceData(splits={}, input_kind="features", input_columns=[], raw_columns=[],
+                        default_bins=bins, meta={"target": "price"})
+    [note] = _target_notes(source, bins, stats)
+    assert "4 value(s) of 'price' outside the bin range [0, 10]" in note
+    assert "(train 3, val 1, test 0" in note and "bins.out_of_range: error" in note
+    assert _target_notes(source, Bins.uniform(0, 10, 10, out_of_range="error"), stats) == []
+    stats["train"] = dataclasses.replace(stats["train"], low=4.0, high=4.0, below=0, above=0)
+    stats["val"].above = 0
+    [note] = _target_notes(source, bins, stats)
+    assert "the target 'price' is constant on train (every row is 4)" in note
+
+
+def test_empty_shot_region_in_val_or_test_warns():
+    from raydir.bins import ShotRegions
+    from raydir.data.pipeline import shot_notes
+
+    cfg = Config.from_dict({"shots": {"many_threshold": 50, "few_threshold": 5}})
+    shots = ShotRegions.from_counts([100, 60, 10, 3], many_threshold=50, few_threshold=5)
+    counts = {"train": np.array([100, 60, 10, 3]), "val": np.array([5, 5, 5, 0]),
+              "test": np.array([0, 0, 5, 0])}
+    notes = shot_notes(shots, counts, cfg.shots)
+    assert len(notes) == 2
+    assert "many-shot region (2 bin(s)" in notes[0] and "['test']" in notes[0]
+    assert "shots.many_threshold=50" in notes[0]
+    assert "few-shot region (1 bin(s)" in notes[1] and "['val', 'test']" in notes[1]
+    assert "few_threshold=5" in notes[1] and "NaN" in notes[1]
+    full = {s: np.array([5, 5, 5, 5]) for s in ("train", "val", "test")}
+    assert shot_notes(shots, full, cfg.shots) == []
 
 
 def test_resolve_bins():
@@ -180,12 +260,12 @@ def test_prepare_synthetic_end_to_end_and_cache(ray_session, tmp_path, monkeypat
 @pytest.mark.ray
 def test_nan_targets_error_or_drop(ray_session, tmp_path):
     path = small_table(tmp_path, nan_targets=3)
-    with pytest.raises(ValueError, match=r"split 'train' has 3 row\(s\) with a NaN / inf target \(first rows: "
-                                         r".*data.nan_policy: drop"):
+    with pytest.raises(ValueError, match=r"split 'train' has 3 row\(s\) with a NaN / inf target \(column "
+                                         r"'y'; first rows: \[\{'a': -?[0-9.]+, 'y': nan.*data.nan_policy: drop"):
         prepare(table_config(tmp_path, path), log=lambda m: None)
     logs: list[str] = []
     prepared = prepare(table_config(tmp_path, path, nan_policy="drop", cache_dir=""), log=logs.append)
-    assert any("dropped 3 row(s) with a NaN / inf target from split 'train'" in m for m in logs)
+    assert any("dropped 3 row(s) with a NaN / inf target ('y') from split 'train'" in m for m in logs)
     assert prepared.sizes == {"train": 27, "val": 30, "test": 30}
     assert prepared.meta["cache_dir"] is None
     y = batch_of(prepared.datasets["train"])["target"]
@@ -195,8 +275,12 @@ def test_nan_targets_error_or_drop(ray_session, tmp_path):
 @pytest.mark.ray
 def test_bad_features_empty_split_and_out_of_range(ray_session, tmp_path):
     path = small_table(tmp_path, nan_features=2)
-    with pytest.raises(ValueError, match=r"column 'features' of split 'train' holds 2 NaN / inf"):
+    with pytest.raises(ValueError) as err:
         prepare(table_config(tmp_path, path), log=lambda m: None)
+    msg = str(err.value)  # the user's columns, not the internal 'features' vector
+    assert "feature column(s) ['a'] of split 'train' hold NaN / inf" in msg
+    assert "{'a': 2}" in msg and "First rows: [{'y': " in msg and "'a': nan" in msg
+    assert "'features'" not in msg
 
     path = small_table(tmp_path, splits=("train", "val"))
     with pytest.raises(ValueError, match=r"split 'test' of source 'table' is empty"):
@@ -232,3 +316,103 @@ def test_train_in_memory_holds_the_same_rows_and_respects_the_mode(ray_session, 
     np.testing.assert_array_equal(weighted["weight"], held.bin_weights.astype(np.float32)[weighted["bin"]])
     with pytest.raises(ValueError, match="train.materialize"):
         prepared.train_in_memory("sometimes")
+
+
+def clipped_table(tmp_path, name="clip.parquet"):
+    """Targets beyond the bins [0, 10] in every split, a balanced split with sparse bins."""
+    rng = np.random.default_rng(1)
+    y = np.concatenate([rng.uniform(0, 10, 300), [-2.0, 11.0, 12.5, 14.0, 30.0]])
+    df = pd.DataFrame({"y": y, "a": rng.normal(size=y.size),
+                       "split": np.resize(np.array(["train", "val", "test"], dtype=object), y.size)})
+    path = tmp_path / name
+    df.to_parquet(path, index=False)
+    return path, df
+
+
+@pytest.mark.ray
+def test_table_prepare_lists_features_and_counts_clipped_targets(ray_session, tmp_path):
+    from raydir.bins import ShotRegions
+
+    path, df = clipped_table(tmp_path)
+    logs: list[str] = []
+    cfg = table_config(tmp_path, path, cache_dir=str(tmp_path / "c"))
+    prepared = prepare(cfg, log=logs.append)
+    outside = (df.y < 0) | (df.y > 10)
+    want = {s: int((outside & (df.split == s)).sum()) for s in ("train", "val", "test")}
+    assert sum(want.values()) == 5 and prepared.clipped == want
+    assert prepared.feature_names == ["a"]
+    assert "features: a (1 columns -> 1 inputs)" in logs
+    [note] = [m for m in logs if "out_of_range=clip" in m]
+    assert "5 value(s) of 'y' outside the bin range [0, 10]" in note
+    assert f"(train {want['train']}, val {want['val']}, test {want['test']}" in note
+    report = format_prepare_report(prepared)
+    assert "features: a (1 columns -> 1 inputs)" in report and note in report
+    # reused from the cache: the same counts and warnings
+    logs.clear()
+    again = prepare(cfg, log=logs.append)
+    assert any("reusing cached" in m for m in logs) and note in logs
+    assert again.clipped == want and again.warnings == prepared.warnings
+    # custom shot thresholds reach the prepared regions, also from the cache
+    cfg.shots.many_threshold, cfg.shots.few_threshold = 9, 9
+    custom = prepare(cfg, log=lambda m: None)
+    want_shots = ShotRegions.from_counts(custom.train_counts, many_threshold=9, few_threshold=9)
+    assert custom.shots.to_dict() == want_shots.to_dict() != prepared.shots.to_dict()
+
+
+@pytest.mark.ray
+def test_balanced_split_of_a_tiny_table_says_too_few_rows(ray_session, tmp_path):
+    path = tmp_path / "tiny.csv"
+    pd.DataFrame({"y": [1.0, 2.0, 3.0, 4.0, 5.0], "a": [1.0, 2.0, 3.0, 4.0, 5.0]}).to_csv(path, index=False)
+    cfg = table_config(tmp_path, path, cache_dir="",
+                       table={"target": "y", "features": ["a"], "split_column": ""})
+    with pytest.raises(ValueError, match=r"too few rows for a balanced split: the table has 5 row\(s\)"
+                                         r".*at least 3 rows"):
+        prepare(cfg, log=lambda m: None)
+
+
+@pytest.mark.ray
+def test_edited_file_uri_table_prepares_new_data(ray_session, tmp_path):
+    import os
+
+    path = small_table(tmp_path)
+    cfg = table_config(tmp_path, path.as_uri())
+    first = prepare(cfg, log=lambda m: None)
+    key = cache_key(cfg)
+    pd.read_parquet(path).iloc[:60].to_parquet(path, index=False)
+    os.utime(path, ns=(1, 1))
+    logs: list[str] = []
+    second = prepare(cfg, log=logs.append)
+    assert cache_key(cfg) != key and not any("reusing cached" in m for m in logs)
+    assert first.sizes == {"train": 30, "val": 30, "test": 30}
+    assert second.sizes == {"train": 20, "val": 20, "test": 20}
+    assert second.meta["cache_dir"] != first.meta["cache_dir"]
+
+
+def test_features_clipped_counts_and_warnings_reach_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from raydir import tracking
+    from raydir.bins import ShotRegions
+    from raydir.data.pipeline import PreparedData
+
+    bins = Bins.uniform(0, 10, 10)
+    counts = np.arange(10, dtype=np.int64)
+    warning = "warning: bins.out_of_range=clip: 4 value(s) of 'y' outside the bin range"
+    prepared = PreparedData(
+        datasets={}, bins=bins, shots=ShotRegions.from_counts(counts), train_counts=counts,
+        bin_weights=np.ones(10), feature_mean=np.zeros(2), feature_std=np.ones(2),
+        input_kind="features", input_columns=["features"], raw_columns=["a", "color"],
+        sizes={"train": 45, "val": 9, "test": 9}, split_counts={s: counts for s in ("train", "val", "test")},
+        meta={"feature_names": ["a", "color=red"], "clipped": {"train": 3, "val": 1, "test": 0},
+              "warnings": [warning]})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = Config.from_dict({})
+    client = MlflowClient(uri)
+    run_id = client.create_run(tracking.experiment_id(client, uri, "data")).info.run_id
+    tracking.log_data_artifacts(uri, run_id, cfg, prepared)
+    local = client.download_artifacts(run_id, "data_summary.json", str(tmp_path))
+    summary = json.loads(open(local).read())
+    assert summary == {"features": ["a", "color=red"], "clipped": {"train": 3, "val": 1, "test": 0},
+                       "warnings": [warning]}
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["data_clipped_train"] == 3 and metrics["data_clipped_val"] == 1

@@ -101,6 +101,67 @@ def test_reference_shot_rule_many_above_100_few_below_20():
     assert moved["few"]["count"] == (c < 21).sum() != got["few"]["count"]
 
 
+def reference_regions_at(target: np.ndarray, many: int, few: int) -> dict[str, np.ndarray]:
+    counts = TRAIN_COUNTS[np.floor(target).astype(int)]
+    return {"overall": np.ones(target.size, bool), "many": counts > many,
+            "medium": (counts <= many) & (counts >= few), "few": counts < few}
+
+
+def test_custom_shot_thresholds_reach_every_metric():
+    """``shots.many_threshold`` / ``few_threshold`` from the config decide the regions of
+    every metric: the one-call metrics, the distributed accumulator and the per-bin table
+    (the metrics module used to carry its own 100 / 20)."""
+    from raydir.config import Config
+    from raydir.data.pipeline import resolve_shots
+
+    cfg = Config.from_dict({"shots": {"many_threshold": 250, "few_threshold": 55}})
+    shots = resolve_shots(cfg.shots, None, TRAIN_COUNTS, BINS)
+    pred, target = make_data()
+    want = reference_metrics(pred, target, reference_regions_at(target, 250, 55))
+    default = shot_metrics(pred, target, bins=BINS, train_counts=TRAIN_COUNTS)
+    assert want["many"]["count"] != default["many"]["count"]
+    assert want["few"]["count"] != default["few"]["count"]
+
+    assert_metrics_close(shot_metrics(pred, target, bins=BINS, shots=shots), want)
+    assert_metrics_close(shot_metrics(pred, target, bins=BINS, train_counts=TRAIN_COUNTS,
+                                      many_threshold=250, few_threshold=55), want)
+    acc = ShotMetricAccumulator(BINS, shots)
+    for i in range(0, target.size, 97):
+        acc.update(torch.as_tensor(pred[i:i + 97]), torch.as_tensor(target[i:i + 97]))
+    assert_metrics_close(acc.compute(), want)
+    table = acc.per_bin_table()
+    counts = TRAIN_COUNTS
+    np.testing.assert_array_equal(table["shot"] == "many", counts > 250)
+    np.testing.assert_array_equal(table["shot"] == "few", counts < 55)
+
+
+def test_default_shot_thresholds_are_defined_once():
+    import inspect
+
+    from raydir.bins import FEW_THRESHOLD, MANY_THRESHOLD
+    from raydir.config import ShotsConfig
+
+    assert (ShotsConfig().many_threshold, ShotsConfig().few_threshold) == (MANY_THRESHOLD, FEW_THRESHOLD)
+    for fn in (shot_metrics, ShotRegions.from_counts, Bins.shot_regions):
+        params = inspect.signature(fn).parameters
+        assert params["many_threshold"].default == MANY_THRESHOLD, fn
+        assert params["few_threshold"].default == FEW_THRESHOLD, fn
+    assert (MANY_THRESHOLD, FEW_THRESHOLD) == (100, 20)  # the reference code's rule
+
+
+def test_flatten_metrics_names_regions_for_mlflow():
+    from raydir import tracking
+    from raydir.metrics import flatten_metrics
+
+    got = shot_metrics(*make_data(), bins=BINS, train_counts=TRAIN_COUNTS)
+    flat = flatten_metrics(got, "val")
+    assert flat["val_mae"] == got["overall"]["mae"]
+    assert flat["val_few_mae"] == got["few"]["mae"]
+    assert flat["val_many_count"] == got["many"]["count"]
+    assert len(flat) == len(REGIONS) * len(METRIC_KEYS)
+    assert tracking.flatten_metrics is flatten_metrics  # the old import still works
+
+
 def test_fixed_region_lists_match_train_counts_version():
     pred, target = make_data()
     shots = ShotRegions.from_counts(TRAIN_COUNTS)

@@ -34,17 +34,37 @@ def _sorted_rows(y, x):
 
 # -- config ---------------------------------------------------------------------------------
 def test_token_and_image_inputs_are_rejected_before_ray():
-    for data in ({"source": "agedb-dir", "path": "/data/agedb"},
-                 {"source": "sts-b-dir", "path": "/data/stsb", "text": {"encoder": "glove"}}):
-        with pytest.raises(ValueError, match=r"'resample.method' is 'smogn' but data.source="
-                                             r"'(agedb-dir|sts-b-dir)' gives (image|token)"):
+    for data, kind in (({"source": "agedb-dir", "path": "/data/agedb"}, "image"),
+                       ({"source": "sts-b-dir", "path": "/data/stsb", "text": {"encoder": "glove"}},
+                        "tokens")):
+        with pytest.raises(ValueError, match=rf"'resample.method' is 'smogn' but data.source="
+                                             rf"'{data['source']}' gives '{kind}' inputs"):
             Config.from_dict({"data": data, "resample": {"method": "smogn"}})
     # MiniLM sentence-embedding features are fine, and method none never complains
     Config.from_dict({"data": {"source": "sts-b-dir", "path": "/d"}, "resample": {"method": "smoter"}})
     Config.from_dict({"data": {"source": "agedb-dir", "path": "/d"}})
     cfg = Config.from_dict({"resample": {"method": "smoter"}})
-    with pytest.raises(ValueError, match=r"needs feature-vector inputs.*gives 'tokens'"):
+    with pytest.raises(ValueError, match=r"'resample.method' is 'smoter'.*gives 'tokens' inputs"):
         check_resample_input(cfg, "tokens")
+
+
+def test_config_and_pipeline_share_one_resample_input_rule():
+    """One definition: the config's early check and the pipeline's check on the loaded source
+    say the same thing for the same input kind (they had drifted apart)."""
+    from raydir.data.base import input_kind_of
+
+    raw = {"data": {"source": "sts-b-dir", "path": "/d", "text": {"encoder": "glove"}},
+           "resample": {"method": "smoter"}}
+    with pytest.raises(ValueError) as early:
+        Config.from_dict(raw)
+    raw["resample"]["method"] = "none"
+    cfg = Config.from_dict(raw)
+    assert input_kind_of(cfg.data) == "tokens"
+    cfg.resample.method = "smoter"
+    with pytest.raises(ValueError) as late:
+        check_resample_input(cfg, "tokens")  # what the pipeline calls with the source's kind
+    assert str(early.value) == str(late.value)
+    assert "resample.method: none" in str(late.value)
 
 
 def test_cache_key_includes_the_resample_section_only_when_resampling(tmp_path):

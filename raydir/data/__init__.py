@@ -18,8 +18,8 @@ _EXPORTS = {
     "histogram": "raydir.data.pipeline",
     "split_stats": "raydir.data.pipeline",
     "load_source": "raydir.data.pipeline",
-    "resolve_bins": "raydir.data.pipeline",
-    "FeatureEncoder": "raydir.data.table",
+    "resolve_bins": "raydir.data.base",
+    "FeatureEncoder": "raydir.data.base",
     "make_synthetic": "raydir.data.synthetic",
 }
 

@@ -1,9 +1,17 @@
-"""What every data source hands to the pipeline."""
+"""What every data source hands to the pipeline, and what sources share.
+
+Sources import only from here (never from the pipeline or another source): the column names,
+:class:`SourceData`, :func:`resolve_bins`, the resample-input rule, the file helpers and the
+:class:`FeatureEncoder`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from raydir.bins import Bins, ShotRegions
 
@@ -26,6 +34,12 @@ class SourceData:
       - ``"image"``: a uint8 HxWx3 tensor column ``image``.
     ``raw_columns`` are what a user passes at prediction time (the logged MLflow model takes
     these and does the preprocessing itself).
+
+    ``meta`` keys the pipeline reads for messages and reports: ``target`` (the user's name of
+    the target column), ``feature_names`` (one per entry of the feature vector),
+    ``feature_columns`` (the raw column of each entry) and ``features`` (a one-line summary).
+    ``notes`` are warnings for the user (a capped category, a shrunk split, ...); the pipeline
+    logs them and keeps them with the cached splits.
     """
 
     splits: dict[str, Any]
@@ -35,3 +49,215 @@ class SourceData:
     default_bins: Bins
     default_shots: ShotRegions | None = None      # explicit official shot lists, if any
     meta: dict[str, Any] = field(default_factory=dict)  # encoder name, vocab path, sizes...
+    notes: list[str] = field(default_factory=list)  # what the user should know (logged by prepare)
+
+
+# -- bins in use ------------------------------------------------------------------------------
+def resolve_bins(bins_cfg, default: Bins | None) -> Bins:
+    """The bins in use: ``bins.kind`` uniform / integer from the bins section, or under
+    ``auto`` the source's official bins with the section's ``out_of_range`` policy."""
+    if bins_cfg.kind == "auto":
+        if default is None:
+            raise ValueError("bins.kind is 'auto' but the source has no default bins; set "
+                             "bins.kind to uniform or integer.")
+        return Bins(default.edges, out_of_range=bins_cfg.out_of_range,
+                    merge_below=default.merge_below)
+    if bins_cfg.kind == "uniform":
+        return Bins.uniform(bins_cfg.start, bins_cfg.stop, bins_cfg.num_bins,
+                            out_of_range=bins_cfg.out_of_range)
+    for name in ("start", "stop"):
+        value = getattr(bins_cfg, name)
+        if int(value) != value:
+            raise ValueError(f"'bins.{name}' should be an integer when bins.kind is 'integer'; got {value!r}.")
+    return Bins.integer(int(bins_cfg.start), int(bins_cfg.stop), merge_below=bins_cfg.merge_below,
+                        out_of_range=bins_cfg.out_of_range)
+
+
+# -- input kinds ------------------------------------------------------------------------------
+def input_kind_of(data_cfg) -> str:
+    """The input kind a source will give, from the data section alone (before loading)."""
+    if data_cfg.source in ("agedb-dir", "imdb-wiki-dir"):
+        return "image"
+    if data_cfg.source == "sts-b-dir" and data_cfg.text.encoder == "glove":
+        return "tokens"
+    return "features"
+
+
+def check_resample_input(cfg, input_kind: str) -> None:
+    """SMOTER / SMOGN interpolate a feature vector: token ids and images cannot be. Config
+    validation calls this with :func:`input_kind_of`, the pipeline with the loaded source's
+    kind."""
+    if cfg.resample.method == "none" or input_kind == "features":
+        return
+    hint = " (data.text.encoder: glove)" if cfg.data.source == "sts-b-dir" else ""
+    raise ValueError(
+        f"'resample.method' is {cfg.resample.method!r} but data.source={cfg.data.source!r} gives "
+        f"{input_kind!r} inputs{hint}; SMOTER / SMOGN interpolate feature vectors only. Use a "
+        f"feature source (synthetic, table, or sts-b-dir with data.text.encoder: minilm), or set "
+        f"resample.method: none."
+    )
+
+
+# -- files ------------------------------------------------------------------------------------
+def is_uri(path: str) -> bool:
+    """True for a remote URI (``s3://``, ``gs://``, ...); a ``file://`` URI is a local path."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def local_path(path: str) -> Path:
+    """The local path of ``path`` (``file://`` prefix removed, ``~`` expanded); only for
+    paths where :func:`is_uri` is false."""
+    return Path(str(path).removeprefix("file://")).expanduser()
+
+
+def filesystem_for(path: str):
+    """(pyarrow filesystem, base path) for a local path, a ``file://`` URI or a remote URI."""
+    import pyarrow.fs as pafs
+
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(str(path))
+    return pafs.LocalFileSystem(), str(local_path(path).resolve())
+
+
+def numeric_column(table, column: str, file: str):
+    """float64 array from a text column of a pyarrow table: blanks become NaN (for
+    ``data.nan_policy``); any other non-number is an error naming the file, the count and the
+    first rows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    text = pc.utf8_trim_whitespace(table.column(column))
+    blank = pc.equal(text, "")
+    try:
+        values = pc.cast(pc.if_else(blank, pa.scalar(None, pa.string()), text), pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raw = text.to_pylist()
+        bad = [i for i, v in enumerate(raw) if v and not _is_float(v)]
+        raise ValueError(
+            f"{file}: column '{column}' should be numeric; {len(bad)} row(s) are not (first data "
+            f"rows {bad[:5]}: {[raw[i] for i in bad[:5]]}). Fix or remove them."
+        ) from None
+    return pc.fill_null(values, float("nan"))
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# -- the feature encoder (pure; also used by the logged model at prediction time) ----------
+OTHER = "<other>"  # the one-hot column of the categories beyond data.table.max_categories
+
+
+@dataclass(frozen=True)
+class FeatureEncoder:
+    """Raw table columns -> one float32 feature vector per row.
+
+    ``columns`` keeps the user's column order; a numeric column (also numbers stored as
+    strings) gives one entry, a column in ``categories`` one 0/1 entry per category (fixed
+    from train). A column in ``other`` has one more entry, ``<other>``, for every other
+    non-missing value (the categories beyond ``data.table.max_categories``, and those never
+    seen in train); without it such a value, and a missing one, encode as all zeros.
+    """
+
+    columns: tuple[str, ...]
+    categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    other: tuple[str, ...] = ()
+
+    @property
+    def feature_names(self) -> list[str]:
+        names: list[str] = []
+        for col in self.columns:
+            if col in self.categories:
+                names.extend(f"{col}={cat}" for cat in self.categories[col])
+                if col in self.other:
+                    names.append(f"{col}={OTHER}")
+            else:
+                names.append(col)
+        return names
+
+    @property
+    def num_features(self) -> int:
+        return len(self.feature_names)
+
+    def feature_columns(self) -> list[str]:
+        """For each entry of the feature vector, the raw column it comes from."""
+        out: list[str] = []
+        for col in self.columns:
+            width = len(self.categories[col]) + (col in self.other) if col in self.categories else 1
+            out.extend([col] * width)
+        return out
+
+    def describe(self, max_columns: int = 12) -> str:
+        """``a, b, color (one-hot: blue, red, <other>)`` for logs and reports."""
+        parts = []
+        for col in self.columns:
+            if col in self.categories:
+                cats = list(self.categories[col]) + ([OTHER] if col in self.other else [])
+                shown = ", ".join(cats[:6]) + (f", ... ({len(cats)} in all)" if len(cats) > 6 else "")
+                parts.append(f"{col} (one-hot: {shown})")
+            else:
+                parts.append(col)
+        if len(parts) > max_columns:
+            parts = parts[:max_columns - 2] + ["...", parts[-1]]
+        return f"{', '.join(parts)} ({len(self.columns)} columns -> {self.num_features} inputs)"
+
+    def transform(self, df) -> np.ndarray:
+        """``(n, num_features)`` float32; numeric nulls and non-numbers become NaN (the
+        pipeline rejects them, naming the column)."""
+        import pandas as pd
+
+        missing = [c for c in self.columns if c not in df.columns]
+        if missing:
+            raise ValueError(
+                f"input is missing column(s) {missing}; the encoder expects {list(self.columns)} "
+                f"and got {list(df.columns)}."
+            )
+        parts = []
+        for col in self.columns:
+            if col in self.categories:
+                values = df[col].astype(object).where(df[col].notna(), None)
+                values = np.array([None if v is None else str(v) for v in values], dtype=object)
+                cats = np.array(self.categories[col], dtype=object)
+                onehot = values[:, None] == cats[None, :]
+                parts.append(onehot.astype(np.float32))
+                if col in self.other:
+                    present = np.array([v is not None for v in values], dtype=bool)
+                    rest = present & ~onehot.any(axis=1)
+                    parts.append(rest[:, None].astype(np.float32))
+            else:
+                parts.append(pd.to_numeric(df[col], errors="coerce").to_numpy(
+                    dtype=np.float64, na_value=np.nan)[:, None].astype(np.float32))
+        if not parts:
+            return np.zeros((len(df), 0), dtype=np.float32)
+        return np.concatenate(parts, axis=1)
+
+    def to_dict(self) -> dict:
+        return {"columns": list(self.columns),
+                "categories": {c: list(v) for c, v in self.categories.items()},
+                "other": list(self.other)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FeatureEncoder":
+        return cls(tuple(d["columns"]), {c: tuple(v) for c, v in d.get("categories", {}).items()},
+                   tuple(d.get("other", ())))
+
+
+class EncodeBatch:
+    """``map_batches`` body: raw pandas batch -> ``features`` vector + float64 ``target``."""
+
+    def __init__(self, encoder: FeatureEncoder, target: str | None):
+        self.encoder = encoder
+        self.target = target
+
+    def __call__(self, df) -> dict[str, np.ndarray]:
+        import pandas as pd
+
+        out = {FEATURES: self.encoder.transform(df)}
+        if self.target is not None:
+            out[TARGET] = pd.to_numeric(df[self.target], errors="coerce").to_numpy(
+                dtype=np.float64, na_value=np.nan)
+        return out

@@ -50,8 +50,7 @@ from typing import Any
 import numpy as np
 
 from raydir.bins import Bins
-from raydir.data.base import SPLITS, TARGET, SourceData
-from raydir.data.stsb import filesystem_for, numeric_column
+from raydir.data.base import SPLITS, TARGET, SourceData, filesystem_for, numeric_column
 
 logger = logging.getLogger(__name__)
 

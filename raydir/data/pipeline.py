@@ -45,7 +45,8 @@ import numpy as np
 
 from raydir._checks import check_choice
 from raydir.bins import SHOTS, Bins, ShotRegions
-from raydir.data.base import BIN, FEATURES, SPLITS, TARGET, WEIGHT, SourceData
+from raydir.data.base import (BIN, FEATURES, SPLITS, TARGET, WEIGHT, SourceData, check_resample_input,
+                              is_uri, local_path, resolve_bins)
 
 CACHE_VERSION = 1  # bump when the layout or the meaning of the cached columns changes
 SOURCE_MODULES = {
@@ -62,26 +63,6 @@ FIRST = 5  # offending values / rows shown in error messages
 
 
 # -- configuration helpers ------------------------------------------------------------------
-def resolve_bins(bins_cfg, default: Bins | None) -> Bins:
-    """The bins in use: ``bins.kind`` uniform / integer from the bins section, or under
-    ``auto`` the source's official bins with the section's ``out_of_range`` policy."""
-    if bins_cfg.kind == "auto":
-        if default is None:
-            raise ValueError("bins.kind is 'auto' but the source has no default bins; set "
-                             "bins.kind to uniform or integer.")
-        return Bins(default.edges, out_of_range=bins_cfg.out_of_range,
-                    merge_below=default.merge_below)
-    if bins_cfg.kind == "uniform":
-        return Bins.uniform(bins_cfg.start, bins_cfg.stop, bins_cfg.num_bins,
-                            out_of_range=bins_cfg.out_of_range)
-    for name in ("start", "stop"):
-        value = getattr(bins_cfg, name)
-        if int(value) != value:
-            raise ValueError(f"'bins.{name}' should be an integer when bins.kind is 'integer'; got {value!r}.")
-    return Bins.integer(int(bins_cfg.start), int(bins_cfg.stop), merge_below=bins_cfg.merge_below,
-                        out_of_range=bins_cfg.out_of_range)
-
-
 def resolve_shots(shots_cfg, default: ShotRegions | None, train_counts: np.ndarray,
                   bins: Bins) -> ShotRegions:
     """Explicit config lists > the source's official lists > thresholds on train counts."""
@@ -117,18 +98,6 @@ def compute_bin_weights(train_counts: np.ndarray, reweight_cfg, log: Callable = 
                        clip=clip)
 
 
-def check_resample_input(cfg, input_kind: str) -> None:
-    """SMOTER / SMOGN interpolate a feature vector: token ids and images cannot be."""
-    if cfg.resample.method != "none" and input_kind != "features":
-        raise ValueError(
-            f"resample.method={cfg.resample.method!r} needs feature-vector inputs, but "
-            f"data.source={cfg.data.source!r} gives {input_kind!r} inputs"
-            + (" (data.text.encoder: glove)" if cfg.data.source == "sts-b-dir" else "")
-            + ". Use data.text.encoder: minilm (frozen sentence-embedding features) for "
-              "sts-b-dir, a table or synthetic source, or set resample.method: none."
-        )
-
-
 def load_source(cfg) -> SourceData:
     """Import the source's module lazily (text / image extras) and call its ``load(cfg)``."""
     name = cfg.data.source
@@ -152,10 +121,17 @@ class SplitStats:
     below: int                     # finite targets below the first edge (not merged below)
     above: int                     # finite targets above the last edge
     outside_first: list[float]     # a few of those values, for the error message
+    low: float = np.inf            # smallest finite target (a constant target has low == high)
+    high: float = -np.inf          # largest finite target
     feature_count: int = 0         # rows entering the feature moments (finite target)
     feature_mean: np.ndarray | None = None
     feature_m2: np.ndarray | None = None   # centred sum of squares per feature
-    feature_nonfinite: int = 0     # non-finite feature values among those rows
+    feature_nonfinite: np.ndarray | None = None  # int64 non-finite values per feature among those rows
+
+    @property
+    def outside(self) -> int:
+        """Finite targets outside the bin range (clipped into the edge bins under 'clip')."""
+        return self.below + self.above
 
     @property
     def feature_std(self) -> np.ndarray | None:
@@ -193,7 +169,10 @@ class BlockStats:
         below = (y < edges[0]) & (not self.bins.merge_below)
         above = y > edges[-1]
         outside = y[below | above][:FIRST]
+        lo, hi = (float(y.min()), float(y.max())) if y.size else (np.inf, -np.inf)
         out = {
+            "low": np.array([lo]),
+            "high": np.array([hi]),
             "rows": np.array([finite.size], dtype=np.int64),
             "nonfinite": np.array([int((~finite).sum())], dtype=np.int64),
             "counts": np.bincount(self._clip.index(y), minlength=self.bins.num_bins)[None].astype(np.int64),
@@ -206,15 +185,15 @@ class BlockStats:
             x = np.asarray(batch[self.features], dtype=np.float64)
             x = x.reshape(len(finite), -1)[finite]
             ok = np.isfinite(x)
-            bad = int((~ok).sum())
-            if bad:  # keep the moments finite; the driver raises on any non-finite value
+            bad = (~ok).sum(axis=0).astype(np.int64)
+            if bad.any():  # keep the moments finite; the driver raises on any non-finite value
                 x = np.where(ok, x, 0.0)
             mean = x.mean(axis=0) if x.shape[0] else np.zeros(x.shape[1])
             out.update({
                 "feature_count": np.array([x.shape[0]], dtype=np.int64),
                 "feature_mean": mean[None],
                 "feature_m2": ((x - mean) ** 2).sum(axis=0)[None],
-                "feature_nonfinite": np.array([bad], dtype=np.int64),
+                "feature_nonfinite": bad[None],
             })
         return out
 
@@ -233,6 +212,8 @@ def split_stats(ds, bins: Bins, *, column: str = TARGET, features: str | None = 
         stats.above += int(r["above"])
         first = np.asarray(r["outside_first"], dtype=np.float64)
         stats.outside_first.extend(first[~np.isnan(first)].tolist())
+        stats.low = min(stats.low, float(r["low"]))
+        stats.high = max(stats.high, float(r["high"]))
         if features is not None:
             mean, m2 = np.asarray(r["feature_mean"]), np.asarray(r["feature_m2"])
             if stats.feature_mean is None:
@@ -240,7 +221,8 @@ def split_stats(ds, bins: Bins, *, column: str = TARGET, features: str | None = 
             stats.feature_count, stats.feature_mean, stats.feature_m2 = merge_moments(
                 stats.feature_count, stats.feature_mean, stats.feature_m2,
                 int(r["feature_count"]), mean, m2)
-            stats.feature_nonfinite += int(r["feature_nonfinite"])
+            bad = np.asarray(r["feature_nonfinite"], dtype=np.int64)
+            stats.feature_nonfinite = bad if stats.feature_nonfinite is None else stats.feature_nonfinite + bad
     stats.outside_first = stats.outside_first[:FIRST]
     return stats
 
@@ -311,23 +293,39 @@ class AddWeight:
 
 
 class _NonFiniteRows:
+    """Rows whose target is non-finite (``features=None``), or whose feature vector holds a
+    non-finite value at one of the ``features`` indices."""
+
+    def __init__(self, features: list[int] | None = None):
+        self.features = features
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         y = np.asarray(batch[TARGET]).astype(np.float32, copy=False)
         with np.errstate(over="ignore", invalid="ignore"):
             bad = ~np.isfinite(y)
+            if self.features is not None:
+                x = np.asarray(batch[FEATURES], dtype=np.float64).reshape(len(y), -1)
+                bad = ~bad & ~np.isfinite(x[:, self.features]).all(axis=1)
         return {k: np.asarray(v)[bad] for k, v in batch.items()}
 
 
-def _describe_row(row: dict) -> dict:
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+        return v[:4] + ["..."] if isinstance(v, list) and len(v) > 4 else v
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _describe_row(row: dict, target: str = TARGET, names: list[str] | None = None) -> dict:
+    """A row for a message in the user's names: the target column's, and a short feature
+    vector spelled out by feature name."""
     out = {}
     for k, v in row.items():
-        if isinstance(v, np.ndarray):
-            v = v.tolist()
-            if isinstance(v, list) and len(v) > 4:
-                v = v[:4] + ["..."]
-        elif isinstance(v, np.generic):
-            v = v.item()
-        out[k] = v
+        x = np.asarray(v).reshape(-1) if k == FEATURES else None
+        if x is not None and names and len(names) == x.size <= 8:
+            out.update({n: _plain(x[i]) for i, n in enumerate(names)})
+        else:
+            out[target if k == TARGET else k] = _plain(v)
     return out
 
 
@@ -360,6 +358,23 @@ class PreparedData:
     @property
     def num_features(self) -> int | None:
         return None if self.feature_mean is None else int(self.feature_mean.size)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The model's input features in vector order (``a``, ``color=red``, ...), for the
+        console and MLflow; empty for token and image inputs."""
+        return list(self.meta.get("feature_names") or [])
+
+    @property
+    def clipped(self) -> dict[str, int]:
+        """Targets per split put into the edge bins under ``bins.out_of_range: clip``."""
+        return {s: int(n) for s, n in (self.meta.get("clipped") or {}).items()}
+
+    @property
+    def warnings(self) -> list[str]:
+        """What prepare warned about (clipped or constant targets, capped categories, shrunk
+        or empty evaluation regions ...), also when the splits came from the cache."""
+        return list(self.meta.get("warnings") or [])
 
     def reweighted(self, reweight_cfg, *, log: Callable = print) -> "PreparedData":
         """A copy with the weight column recomputed for another reweight section (what a Tune
@@ -438,11 +453,12 @@ class PreparedData:
 
 # -- [4] the cache ----------------------------------------------------------------------------
 def _fingerprint(path: str) -> Any:
-    """Size and mtime of a local data.path (a file, or a directory's top-level entries), so
-    that an edited file gets a new cache entry. URIs are keyed by their name only."""
-    if not path or "://" in path:
+    """Size and mtime of a local data.path (a file, or a directory's top-level entries; also
+    as a ``file://`` URI), so that an edited file gets a new cache entry. Remote URIs are
+    keyed by their name only."""
+    if not path or is_uri(path):
         return None
-    p = Path(path)
+    p = local_path(path)
     if p.is_file():
         st = p.stat()
         return [st.st_size, st.st_mtime_ns]
@@ -523,51 +539,18 @@ def prepare(cfg, *, log: Callable[[str], Any] = print) -> PreparedData:
     # The three splits run concurrently: on small data each Ray Data run is mostly fixed
     # latency (scheduling, read metadata), on large data they share the cluster.
     stats = _per_split(lambda s: split_stats(source.splits[s], bins, features=features))
-    dropped = {}
     for s in SPLITS:
-        st = stats[s]
-        if st.nonfinite:
-            if cfg.data.nan_policy == "error":
-                rows = source.splits[s].map_batches(_NonFiniteRows(), batch_format="numpy").take(FIRST)
-                raise ValueError(
-                    f"split '{s}' has {st.nonfinite} row(s) with a NaN / inf target (first rows: "
-                    f"{[_describe_row(r) for r in rows]}). Fix or remove them, or set "
-                    f"data.nan_policy: drop to drop them (the count is logged)."
-                )
-            log(f"data.nan_policy=drop: dropped {st.nonfinite} row(s) with a NaN / inf target "
-                f"from split '{s}'")
-        dropped[s] = st.nonfinite
-        if bins.out_of_range == "error" and st.below + st.above:
-            raise ValueError(_outside_message(st, bins, TARGET, s))
-        if st.rows - st.nonfinite == 0:
-            raise ValueError(
-                f"split '{s}' of source {cfg.data.source!r} is empty ({st.rows} row(s) read, "
-                f"{st.nonfinite} with a non-finite target). Check data.path and the split settings."
-            )
-        if features is not None and st.feature_nonfinite:
-            raise ValueError(
-                f"column '{FEATURES}' of split '{s}' holds {st.feature_nonfinite} NaN / inf "
-                f"value(s) (missing values in the feature columns?); fill or drop them first."
-            )
+        _check_split(cfg, source, bins, s, stats[s], log)
+    notes = list(source.notes) + _target_notes(source, bins, stats)
+    # of the rows read (before resampling: a synthetic row is no user row)
+    read = {"dropped": {s: stats[s].nonfinite for s in SPLITS},
+            "clipped": {s: stats[s].outside if bins.out_of_range == "clip" else 0 for s in SPLITS}}
     # [2b] resample the training split, then redo [2] on it
     splits = dict(source.splits)
     resampled = None
     if cfg.resample.method != "none":
-        check_resample_input(cfg, source.input_kind)
-        from raydir.data.resample import resample_dataset
-
-        t1 = time.perf_counter()
-        splits["train"], plan = resample_dataset(splits["train"], cfg.resample,
-                                                 seed=cfg.data.seed, log=log)
-        original = stats["train"].counts
-        stats["train"] = split_stats(splits["train"], bins, features=features)
-        st = stats["train"]
-        if bins.out_of_range == "error" and st.below + st.above:  # SMOGN noise can cross an edge
-            raise ValueError(_outside_message(st, bins, TARGET, "train (resampled)"))
-        resampled = {**plan.summary(), "original_counts": original.tolist()}
-        log(f"resample.method={cfg.resample.method}: train {resampled['original_rows']:,} -> "
-            f"{int(st.counts.sum()):,} rows over {len(plan.regions)} target regions "
-            f"({time.perf_counter() - t1:.1f} s)")
+        splits["train"], stats["train"], resampled = _resample_train(cfg, source, splits["train"],
+                                                                     stats["train"], bins, log)
     mean = std = None
     if features is not None:
         mean = stats["train"].feature_mean
@@ -582,25 +565,7 @@ def prepare(cfg, *, log: Callable[[str], Any] = print) -> PreparedData:
     mapped = {s: splits[s].map_batches(
         FinalizeBatch(bins, source.input_columns, mean, std, drop_nonfinite=bool(stats[s].nonfinite)),
         batch_format="numpy") for s in SPLITS}
-    counts = {s: stats[s].counts for s in SPLITS}
-    manifest = {
-        "version": CACHE_VERSION,
-        "source": cfg.data.source,
-        "sizes": {s: int(counts[s].sum()) for s in SPLITS},
-        "counts": {s: counts[s].tolist() for s in SPLITS},
-        "dropped": dropped,
-        "bins": bins.to_dict(),
-        "default_shots": None if source.default_shots is None else source.default_shots.to_dict(),
-        "feature_mean": None if mean is None else mean.tolist(),
-        "feature_std": None if std is None else std.tolist(),
-        "input_kind": source.input_kind,
-        "input_columns": list(source.input_columns),
-        "raw_columns": list(source.raw_columns),
-        "meta": _json_safe(source.meta),
-        "resample": resampled,
-        "config": {"data": dataclasses.asdict(cfg.data), "bins": dataclasses.asdict(cfg.bins),
-                   "resample": dataclasses.asdict(cfg.resample)},
-    }
+    manifest = _manifest(cfg, source, bins, stats, mean, std, resampled, notes, read)
 
     # [4] cache
     if entry is not None:
@@ -616,6 +581,146 @@ def prepare(cfg, *, log: Callable[[str], Any] = print) -> PreparedData:
     else:
         datasets = _per_split(lambda s: mapped[s].materialize())
     return _assemble(cfg, manifest, datasets, log, entry)
+
+
+def target_column(source: SourceData) -> str:
+    """The user's name of the target (the table's column), for messages."""
+    return str(source.meta.get("target") or TARGET)
+
+
+def _check_split(cfg, source: SourceData, bins: Bins, split: str, st: SplitStats,
+                 log: Callable) -> None:
+    """[2] The checks on one split's statistics: non-finite targets (nan_policy), targets
+    outside the bins (out_of_range: error), an empty split, non-finite features."""
+    target = target_column(source)
+    if st.nonfinite:
+        if cfg.data.nan_policy == "error":
+            rows = source.splits[split].map_batches(_NonFiniteRows(), batch_format="numpy").take(FIRST)
+            names = source.meta.get("feature_names")
+            raise ValueError(
+                f"split '{split}' has {st.nonfinite} row(s) with a NaN / inf target (column "
+                f"'{target}'; first rows: {[_describe_row(r, target, names) for r in rows]}). Fix or remove "
+                f"them, or set data.nan_policy: drop to drop them (the count is logged)."
+            )
+        log(f"data.nan_policy=drop: dropped {st.nonfinite} row(s) with a NaN / inf target "
+            f"('{target}') from split '{split}'")
+    if bins.out_of_range == "error" and st.outside:
+        raise ValueError(_outside_message(st, bins, target, split))
+    if st.rows - st.nonfinite == 0:
+        raise ValueError(
+            f"split '{split}' of source {cfg.data.source!r} is empty ({st.rows} row(s) read, "
+            f"{st.nonfinite} with a non-finite target). Check data.path and the split settings."
+        )
+    if st.feature_nonfinite is not None and st.feature_nonfinite.any():
+        raise ValueError(_nonfinite_feature_message(source, split, st))
+
+
+def _nonfinite_feature_message(source: SourceData, split: str, st: SplitStats) -> str:
+    """Names the user's columns (not the internal ``features`` vector) and the first rows."""
+    bad = np.flatnonzero(st.feature_nonfinite)
+    names = list(source.meta.get("feature_columns") or source.meta.get("feature_names") or [])
+    if len(names) != st.feature_nonfinite.size:
+        names = [f"{FEATURES}[{i}]" for i in range(st.feature_nonfinite.size)]
+    per_column: dict[str, int] = {}
+    for i in bad:
+        per_column[names[i]] = per_column.get(names[i], 0) + int(st.feature_nonfinite[i])
+    rows = source.splits[split].map_batches(_NonFiniteRows(bad.tolist()),
+                                            batch_format="numpy").take(FIRST)
+    target = target_column(source)
+    shown = [{target: _plain(r[TARGET]),
+              **{names[i]: _plain(np.asarray(r[FEATURES]).reshape(-1)[i]) for i in bad[:4]}}
+             for r in rows]
+    return (
+        f"feature column(s) {list(per_column)} of split '{split}' hold NaN / inf value(s) "
+        f"(count per column: {per_column}; missing values, or text that is not a number?). "
+        f"First rows: {shown}. Fill or drop those rows, or remove the column(s) from the features."
+    )
+
+
+def _target_notes(source: SourceData, bins: Bins, stats: dict[str, SplitStats]) -> list[str]:
+    """Warnings about the targets: clipped into the edge bins, or constant on train."""
+    target, notes = target_column(source), []
+    clipped = {s: stats[s].outside for s in SPLITS}
+    if bins.out_of_range == "clip" and any(clipped.values()):
+        notes.append(
+            f"warning: bins.out_of_range=clip: {sum(clipped.values())} value(s) of '{target}' "
+            f"outside the bin range [{float(bins.edges[0]):g}, {float(bins.edges[-1]):g}] were "
+            f"put into the edge bins (train {clipped['train']}, val {clipped['val']}, test "
+            f"{clipped['test']}; first: {[v for s in SPLITS for v in stats[s].outside_first][:FIRST]}). "
+            f"Widen the bins (bins.start / bins.stop) to keep them apart, or set "
+            f"bins.out_of_range: error to refuse them."
+        )
+    train = stats["train"]
+    if np.isfinite(train.low) and train.low == train.high:
+        notes.append(
+            f"warning: the target '{target}' is constant on train (every row is {train.low:g}): "
+            f"there is nothing to regress, and every row falls in one bin. Check the target "
+            f"column and the split."
+        )
+    return notes
+
+
+def _resample_train(cfg, source: SourceData, train, train_stats: SplitStats, bins: Bins,
+                    log: Callable):
+    """[2b] SMOTER / SMOGN on the training split; [2] again on the result."""
+    from raydir.data.resample import resample_dataset
+
+    check_resample_input(cfg, source.input_kind)
+    features = FEATURES if source.input_kind == "features" else None
+    t1 = time.perf_counter()
+    train, plan = resample_dataset(train, cfg.resample, seed=cfg.data.seed, log=log)
+    st = split_stats(train, bins, features=features)
+    if bins.out_of_range == "error" and st.outside:  # SMOGN noise can cross an edge
+        raise ValueError(_outside_message(st, bins, target_column(source), "train (resampled)"))
+    resampled = {**plan.summary(), "original_counts": train_stats.counts.tolist()}
+    log(f"resample.method={cfg.resample.method}: train {resampled['original_rows']:,} -> "
+        f"{int(st.counts.sum()):,} rows over {len(plan.regions)} target regions "
+        f"({time.perf_counter() - t1:.1f} s)")
+    return train, st, resampled
+
+
+def _manifest(cfg, source: SourceData, bins: Bins, stats: dict[str, SplitStats], mean, std,
+              resampled, notes: list[str], read: dict[str, dict[str, int]]) -> dict:
+    counts = {s: stats[s].counts for s in SPLITS}
+    return {
+        "version": CACHE_VERSION,
+        "source": cfg.data.source,
+        "sizes": {s: int(counts[s].sum()) for s in SPLITS},
+        "counts": {s: counts[s].tolist() for s in SPLITS},
+        "dropped": read["dropped"],
+        "clipped": read["clipped"],
+        "notes": list(notes),
+        "bins": bins.to_dict(),
+        "default_shots": None if source.default_shots is None else source.default_shots.to_dict(),
+        "feature_mean": None if mean is None else mean.tolist(),
+        "feature_std": None if std is None else std.tolist(),
+        "input_kind": source.input_kind,
+        "input_columns": list(source.input_columns),
+        "raw_columns": list(source.raw_columns),
+        "meta": _json_safe(source.meta),
+        "resample": resampled,
+        "config": {"data": dataclasses.asdict(cfg.data), "bins": dataclasses.asdict(cfg.bins),
+                   "resample": dataclasses.asdict(cfg.resample)},
+    }
+
+
+def shot_notes(shots: ShotRegions, split_counts: dict[str, np.ndarray], shots_cfg) -> list[str]:
+    """Warnings for a shot region without rows in val or test: its metrics are NaN there
+    (and ``train.select_metric: few_mae`` falls back to the overall MAE)."""
+    notes = []
+    for shot in SHOTS:
+        idx = shots.bins_of(shot)
+        empty = [s for s in ("val", "test") if int(split_counts[s][idx].sum()) == 0]
+        if empty:
+            rule = {"many": f"more than shots.many_threshold={shots_cfg.many_threshold}",
+                    "medium": "between the thresholds",
+                    "few": f"fewer than shots.few_threshold={shots_cfg.few_threshold}"}[shot]
+            notes.append(
+                f"warning: the {shot}-shot region ({idx.size} bin(s); bins with {rule} training "
+                f"rows, or the shots.{shot} list) has no row in split(s) {empty}: its metrics "
+                f"are NaN there. Adjust shots.many_threshold / few_threshold, or the bins."
+            )
+    return notes
 
 
 def _assemble(cfg, manifest: dict, base: dict[str, Any], log: Callable, entry: Path | None) -> PreparedData:
@@ -637,8 +742,15 @@ def _assemble(cfg, manifest: dict, base: dict[str, Any], log: Callable, entry: P
     mean = manifest.get("feature_mean")
     std = manifest.get("feature_std")
     meta = dict(manifest.get("meta") or {})
+    warnings = list(manifest.get("notes", [])) + shot_notes(shots, counts, cfg.shots)
     meta.update({"cache_dir": None if entry is None else str(entry),
-                 "dropped": manifest.get("dropped", {}), "resample": resampled})
+                 "dropped": manifest.get("dropped", {}), "resample": resampled,
+                 "clipped": manifest.get("clipped", dict.fromkeys(SPLITS, 0)),
+                 "warnings": warnings})
+    if meta.get("features"):
+        log(f"features: {meta['features']}")
+    for note in warnings:
+        log(note)
     return PreparedData(
         datasets=datasets, bins=bins, shots=shots, train_counts=counts["train"],
         bin_weights=weights,
@@ -652,12 +764,15 @@ def _assemble(cfg, manifest: dict, base: dict[str, Any], log: Callable, entry: P
 
 # -- the `raydir prepare` report --------------------------------------------------------------
 def format_prepare_report(prepared: PreparedData, *, max_lines: int = 25, width: int = 40) -> str:
-    """Split sizes, a text histogram of the train counts and the shot-region sizes."""
+    """Split sizes, the features, a text histogram of the train counts, the shot-region sizes
+    and prepare's warnings (targets clipped per split, capped categories, ...)."""
     b = prepared.bins
     lines = [f"source: {prepared.meta.get('source', '?')}   bins: {b!r}"]
     if prepared.meta.get("cache_dir"):
         lines.append(f"cache: {prepared.meta['cache_dir']}")
     lines.append("split sizes: " + ", ".join(f"{s} {prepared.sizes[s]:,}" for s in SPLITS))
+    if prepared.meta.get("features"):
+        lines.append(f"features: {prepared.meta['features']}")
     dropped = {s: n for s, n in prepared.meta.get("dropped", {}).items() if n}
     if dropped:
         lines.append(f"dropped (non-finite target): {dropped}")
@@ -694,4 +809,5 @@ def format_prepare_report(prepared: PreparedData, *, max_lines: int = 25, width:
     if occupied.size:
         lines.append(f"bin weights (occupied train bins): min {occupied.min():.3g}, "
                      f"max {occupied.max():.3g}")
+    lines.extend(prepared.warnings)
     return "\n".join(lines)

@@ -36,7 +36,7 @@ def model_inputs_from_raw(df: Any, info: dict, cfg) -> Any:
     kind = info["input_kind"]
     if kind == "features":
         if info.get("encoder"):
-            from raydir.data.table import FeatureEncoder
+            from raydir.data.base import FeatureEncoder
 
             x = FeatureEncoder.from_dict(info["encoder"]).transform(df)
         else:  # sentence pairs embedded by the frozen encoder

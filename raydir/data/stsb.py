@@ -48,7 +48,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from raydir.bins import Bins, ShotRegions
-from raydir.data.base import FEATURES, SPLITS, TARGET, SourceData
+from raydir.data.base import FEATURES, SPLITS, TARGET, SourceData, filesystem_for, numeric_column
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +74,6 @@ def stsb_shots() -> ShotRegions:
 
 
 # -- reading -------------------------------------------------------------------------------
-def filesystem_for(path: str):
-    """(pyarrow filesystem, base path) for a local directory or a URI (s3://, gs://, ...)."""
-    import pyarrow.fs as pafs
-
-    if "://" in str(path):
-        return pafs.FileSystem.from_uri(str(path))
-    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
-
-
 def _listing(fs, base: str) -> list[str]:
     import pyarrow.fs as pafs
 
@@ -140,34 +131,6 @@ def read_tables(path: str) -> dict[str, Any]:
             TARGET: numeric_column(table, SCORE, file),
         })
     return tables
-
-
-def numeric_column(table, column: str, file: str):
-    """float64 array from a text column: blanks become NaN (for ``data.nan_policy``); any
-    other non-number is an error naming the file, the count and the first rows."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    text = pc.utf8_trim_whitespace(table.column(column))
-    blank = pc.equal(text, "")
-    try:
-        values = pc.cast(pc.if_else(blank, pa.scalar(None, pa.string()), text), pa.float64())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raw = text.to_pylist()
-        bad = [i for i, v in enumerate(raw) if v and not _is_float(v)]
-        raise ValueError(
-            f"{file}: column '{column}' should be numeric; {len(bad)} row(s) are not (first data "
-            f"rows {bad[:5]}: {[raw[i] for i in bad[:5]]}). Fix or remove them."
-        ) from None
-    return pc.fill_null(values, float("nan"))
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _to_dataset(table, pieces: int):

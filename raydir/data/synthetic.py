@@ -27,7 +27,8 @@ import numpy as np
 import pandas as pd
 
 from raydir.bins import Bins
-from raydir.data.base import FEATURES, SPLITS, TARGET, SourceData
+from raydir.data.base import (FEATURES, SPLITS, TARGET, EncodeBatch, FeatureEncoder, SourceData,
+                              resolve_bins)
 
 ROWS_PER_BLOCK = 2000  # the Ray Datasets are cut into blocks of at most this many rows
 
@@ -144,9 +145,6 @@ def to_dataset(x: np.ndarray, y: np.ndarray, names: list[str]):
 
 def load(cfg) -> SourceData:
     """The synthetic source: raw columns x0..x{d-1} assembled into a ``features`` vector."""
-    from raydir.data.pipeline import resolve_bins
-    from raydir.data.table import EncodeBatch, FeatureEncoder
-
     syn = cfg.data.synthetic
     natural = default_bins(syn)
     bins = resolve_bins(cfg.bins, natural)  # val / test are balanced over the bins in use
@@ -161,5 +159,5 @@ def load(cfg) -> SourceData:
         default_bins=natural,
         meta={"source": "synthetic", "distribution": syn.distribution, "seed": cfg.data.seed,
               "carve": [list(r) for r in syn.carve], "encoder": encoder.to_dict(),
-              "feature_names": names},
+              "feature_names": names, "features": encoder.describe()},
     )
