@@ -196,36 +196,6 @@ def nearest_known(known: Tensor) -> Tensor:
     return torch.where(use_left, left, right).clamp(0, num_bins - 1)
 
 
-def shifted_bin_moments(features: Tensor, bin_index: Tensor, num_bins: int,
-                        fold_rows: int = FOLD_ROWS) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-bin (count, sum z, sum z^2) in float64 like :func:`bin_moments` (diag), summed in
-    the features' working precision (:func:`window_dtype`), shifted by the per-bin means of
-    the first chunk (:func:`window_shift`), in windows of ``fold_rows`` rows added up in
-    float64 and unshifted once. Rows are visited once, in chunks that stay in cache: about
-    two passes of ``features.sum(0)``."""
-    n, dim = features.shape
-    kw = dict(dtype=torch.float64, device=features.device)
-    count, total, second = (torch.zeros(num_bins, **kw), torch.zeros(num_bins, dim, **kw),
-                            torch.zeros(num_bins, dim, **kw))
-    if n == 0:
-        return count, total, second
-    dtype = window_dtype(features.dtype)
-    window = torch.zeros(num_bins, 1 + 2 * dim, dtype=dtype, device=features.device)
-    shifted = torch.zeros(num_bins, 1 + 2 * dim, **kw)
-    chunk = max(1, min(n, fold_rows, _CHUNK_ELEMENTS // (1 + 2 * dim)))
-    scratch = torch.ones(chunk, 1 + 2 * dim, dtype=dtype, device=features.device)
-    shift = window_shift(count, total, features[:chunk], bin_index[:chunk])
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        idx = bin_index[start:stop]
-        window.index_add_(0, idx, shifted_rows(features[start:stop], idx, shift, scratch))
-        if stop // fold_rows != start // fold_rows or stop == n:
-            shifted += window  # bounds the working-precision sums to ~fold_rows terms
-            window.zero_()
-    fold_window(count, total, second, shifted, shift)
-    return count, total, second
-
-
 def moments_to_stats(count: Tensor, total: Tensor, second: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-bin mean, unbiased variance (or covariance) and the mask of bins with enough
     samples (>= 2) for both. Entries of other bins are meaningless (finite, not NaN)."""
@@ -439,13 +409,11 @@ class FDS(nn.Module):
                 raise ValueError(_NONFINITE)
             add_bin_moments(self.acc_count, self.acc_sum, self.acc_second, features, idx)
             return
-        # Big inputs: moments into fresh tensors first. A NaN / inf feature shows up in the
-        # (B, D) sum of squares, a cheaper test than isfinite over all n x D, and nothing is
-        # half-added.
-        if shifted:
-            count, total, second = shifted_bin_moments(features, idx, self.bins.num_bins)
-        else:
-            count, total, second = bin_moments(features, idx, self.bins.num_bins, self.covariance)
+        # Big inputs (one call per epoch, an extra pass): float64 moments into fresh tensors
+        # first, as fast here as the float32 window (each chunk is converted in one cached
+        # buffer) and exact. A NaN / inf feature shows up in the (B, D) sum of squares, a
+        # cheaper test than isfinite over all n x D, and nothing is half-added.
+        count, total, second = bin_moments(features, idx, self.bins.num_bins, self.covariance)
         if not bool(torch.isfinite(second).all()):
             raise ValueError(_NONFINITE)
         self.acc_count += count
