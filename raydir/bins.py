@@ -189,8 +189,8 @@ class Bins:
             check_finite(name, values.cpu().numpy())
         edges = torch.tensor(self.edges, dtype=dtype, device=values.device)  # a copy: edges are read-only
         idx = torch.searchsorted(edges, values, right=True) - 1
-        below, above = values < edges[0], values > edges[-1]
         if self.out_of_range == "error":
+            below, above = values < edges[0], values > edges[-1]
             self._raise_outside(below if not self.merge_below else torch.zeros_like(below),
                                 above, values, name)
         idx = idx.clamp(0, self.num_bins - 1)
