@@ -42,12 +42,16 @@ def set_worker_threads(cpus_per_worker: float) -> int:
     return threads
 
 
-def predict_batch_rows(row_bytes: int, *, target_bytes: int = 8 << 20, min_rows: int = 1024,
+def predict_batch_rows(row_bytes: int, *, target_bytes: int = 8 << 20, min_rows: int = 16,
                        max_rows: int = 65536) -> int:
-    """Rows per predictor batch: enough that per-batch overhead (a forward call, the pyfunc
-    wrapper, a DataFrame conversion: ~0.1-1 ms) is small against the work, small enough that
-    a batch's input (``row_bytes`` per row) stays about ``target_bytes`` (in cache-sized
-    pieces for an MLP, bounded memory for wide inputs). A power of two in [min_rows, max_rows]."""
+    """Rows per predictor batch for inputs of ``row_bytes`` bytes per row.
+
+    A pyfunc call has a fixed cost whatever its rows (MLflow's schema enforcement, building
+    the DataFrame and the feature encoder's per-column work, a forward through every module):
+    ~2 ms, against ~2-3 us per row of a small MLP on 16 features. 1,024-row batches spend
+    about as long on that fixed cost as on the rows; 64k-row batches under 2 %. So: as many
+    rows as fit in ``target_bytes`` of input (bounded memory for wide rows, images), a power
+    of two in [min_rows, max_rows]."""
     check_positive("row_bytes", row_bytes, integer=True)
     rows = max(min_rows, min(max_rows, target_bytes // row_bytes))
     return 1 << int(math.log2(rows))

@@ -32,9 +32,9 @@ def test_set_worker_threads_sets_torch_in_a_fresh_process():
 
 
 def test_predict_batch_rows_is_a_bounded_power_of_two():
-    assert predict_batch_rows(4 * 32) == 65536            # narrow rows: the upper bound
+    assert predict_batch_rows(8 * 16) == 65536            # 16 float64 features: the upper bound
     assert predict_batch_rows(4 * 2048) == 1024           # 8 KiB rows: 8 MiB / 8 KiB
-    assert predict_batch_rows(4 * 1_000_000) == 1024      # very wide: the lower bound
-    for row_bytes in (1, 100, 3000, 70_000):
+    assert predict_batch_rows(4 * 3 * 224 * 224) == 16    # images: the lower bound
+    for row_bytes in (1, 100, 3000, 70_000, 10**7):
         rows = predict_batch_rows(row_bytes)
-        assert rows & (rows - 1) == 0 and 1024 <= rows <= 65536
+        assert rows & (rows - 1) == 0 and 16 <= rows <= 65536
