@@ -10,11 +10,15 @@ driver's peak RSS is its own:
 * ``numpy``: the labels read into one in-memory array first (not timed), then
   ``numpy.bincount(bins.index(y), minlength=B)`` ``--repeats`` times.
 
-Both must give the same counts. Reports labels/s (best and first run), the ratio and the
+Both must give the same counts. With ``--rounds R`` the two children run R times in turn
+(ray, numpy, ray, numpy, ...), so that a load change on a shared machine hits both; each
+round's ratio (best of its repeats) is reported with the median and range over rounds, and
+the load average before and after. Reports labels/s (best and first run), the ratio and the
 driver's peak RSS (``resource.getrusage``), prints a table and writes JSON to
 benchmarks/results/.
 
-    python -m benchmarks.bench_histogram [--n 10000000] [--files 20] [--repeats 3] [--num-cpus N]
+    python -m benchmarks.bench_histogram [--n 10000000] [--files 20] [--repeats 3] [--rounds 1]
+                                         [--num-cpus N]
 """
 
 from __future__ import annotations
@@ -123,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--n", type=int, default=10_000_000)
     ap.add_argument("--files", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved ray / numpy child pairs")
     ap.add_argument("--num-cpus", type=int, default=None)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--worker", choices=["ray", "numpy"], help=argparse.SUPPRESS)
@@ -135,13 +140,18 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(json.dumps(res))
         return None
 
+    load_before = os.getloadavg()
+    round_ratios = []
     with tempfile.TemporaryDirectory(prefix="raydir-bench-hist-") as tmp:
         t = time.perf_counter()
         write_labels(Path(tmp), args.n, args.files)
         write_s = time.perf_counter() - t
         size_mib = sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2**20
-        ray_res = child("ray", tmp, args.repeats, args.num_cpus)
-        np_res = child("numpy", tmp, args.repeats, None)
+        for _ in range(args.rounds):
+            ray_res = child("ray", tmp, args.repeats, args.num_cpus)
+            np_res = child("numpy", tmp, args.repeats, None)
+            round_ratios.append(min(ray_res["times_s"]) / min(np_res["times_s"]))
+    load_after = os.getloadavg()
 
     if ray_res["counts"] != np_res["counts"]:
         raise AssertionError("the Ray Data histogram differs from numpy.bincount")
@@ -161,7 +171,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     for r in rows:
         print(f"{r['method']:<28}{r['best_s']:>9.3f}{r['first_s']:>9.3f}"
               f"{r['labels_per_s_best']:>18,.0f}{r['driver_peak_rss_mib']:>14.0f} MiB")
-    print(f"numpy / ray throughput ratio (best): {ratio:.1f}x; counts identical")
+    print(f"numpy / ray throughput ratio (best, last round): {ratio:.1f}x; counts identical; per "
+          f"round: median {sorted(round_ratios)[len(round_ratios) // 2]:.1f}x, range "
+          f"[{min(round_ratios):.1f}, {max(round_ratios):.1f}] over {args.rounds} round(s)")
+    print(f"load average (1, 5, 15 min): before {tuple(round(v, 1) for v in load_before)}, "
+          f"after {tuple(round(v, 1) for v in load_after)}; {os.cpu_count()} CPUs")
     print(f"ray driver RSS: {ray_res['rss_start_mib']:.0f} MiB at start, "
           f"{ray_res['rss_after_init_mib']:.0f} MiB after ray.init, peak {ray_res['peak_rss_mib']:.0f} MiB; "
           f"numpy RSS after loading the labels {np_res['rss_after_load_mib']:.0f} MiB")
@@ -171,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "num_bins": BINS["num_bins"], "repeats": args.repeats, "ray_cpus": ray_res["cluster_cpus"],
         "host": {"cpus": os.cpu_count(), "platform": platform.platform(),
                  "python": platform.python_version()},
-        "rows": rows, "numpy_over_ray_ratio": ratio,
+        "rows": rows, "numpy_over_ray_ratio": ratio, "ratio_per_round": round_ratios,
+        "load_avg_before": load_before, "load_avg_after": load_after,
         "ray": {k: v for k, v in ray_res.items() if k != "counts"},
         "numpy": {k: v for k, v in np_res.items() if k != "counts"},
     }

@@ -78,13 +78,22 @@ def build_config(args, work: Path, name: str, over: dict):
 
 
 def compute_only(args) -> dict[str, float]:
-    """Median epoch seconds of the bare training step (one thread, in-memory shard)."""
+    """Median epoch seconds of the bare training step (one thread, in-memory shard): wall
+    time, and the thread's CPU time (``time.thread_time``: with one torch thread all the work
+    runs on it, and it moves much less than wall time on a shared machine), epochs 1.. of the
+    variants interleaved; ``*_per_epoch`` holds the paired ratios to vanilla, epoch by epoch."""
     import torch
 
     from raydir.bins import Bins
     from raydir.encoders import MLPEncoder
     from raydir.fds import FDS
     from raydir.models import DIRModel
+
+    classes = {"vanilla": None, "fds_inflight": FDS, "fds_extra_pass": FDS}
+    if args.baseline_rev:
+        from benchmarks.bench_fds_update import fds_class_at
+
+        classes[f"fds_inflight@{args.baseline_rev}"] = fds_class_at(args.baseline_rev)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -94,21 +103,22 @@ def compute_only(args) -> dict[str, float]:
     y = (torch.rand(rows, generator=g) * 99).float()
     bins = Bins.uniform(0, 100, 100)
     idx = bins.index(y)
-    times: dict[str, list[float]] = {"vanilla": [], "fds_inflight": [], "fds_extra_pass": []}
+    times: dict[str, list[float]] = {name: [] for name in classes}
+    cpu: dict[str, list[float]] = {name: [] for name in classes}
     models = {}
-    for name in times:
+    for name, cls in classes.items():
         torch.manual_seed(0)
-        fds = FDS(64, bins, start_update=0, start_smooth=1) if name != "vanilla" else None
+        fds = cls(64, bins, start_update=0, start_smooth=1) if cls is not None else None
         model = DIRModel(MLPEncoder(args.features, tuple(args.hidden), 64), 64, fds)
         models[name] = (model, torch.optim.Adam(model.parameters(), lr=1e-3))
     for epoch in range(args.epochs):
         for name, (model, opt) in models.items():  # interleaved, epoch by epoch
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             model.train()
             for s in range(0, rows, args.batch_size):
                 xb, yb, bb = x[s:s + args.batch_size], y[s:s + args.batch_size], idx[s:s + args.batch_size]
                 pred, feats = model(xb, yb, epoch, bb)
-                if name == "fds_inflight":
+                if name.startswith("fds_inflight"):
                     model.fds.accumulate(feats.detach(), bin_index=bb)
                 loss = torch.nn.functional.mse_loss(pred, yb)
                 opt.zero_grad(set_to_none=True)
@@ -122,8 +132,13 @@ def compute_only(args) -> dict[str, float]:
             if model.fds is not None:
                 model.fds.update(epoch)
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.thread_time() - c0)
     torch.set_num_threads(threads)
-    return {name: statistics.median(ts[1:] or ts) for name, ts in times.items()}
+    out = {name: statistics.median(ts[1:] or ts) for name, ts in times.items()}
+    for name in classes:
+        out[f"{name}_cpu"] = statistics.median(cpu[name][1:] or cpu[name])
+        out[f"{name}_cpu_per_epoch"] = [a / b - 1 for a, b in zip(cpu[name][1:], cpu["vanilla"][1:])]
+    return out
 
 
 def epoch_seconds(uri: str, run_id: str) -> list[float]:
@@ -144,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-bin-eval", type=int, default=10, help="val / test rows per bin")
     p.add_argument("--rounds", type=int, default=1, help="interleaved repetitions of all variants")
     p.add_argument("--only", nargs="*", help="subset of variants")
+    p.add_argument("--compute-only", action="store_true", help="only the in-memory measurement")
+    p.add_argument("--baseline-rev", default=None,
+                   help="also time in-flight FDS with raydir/fds.py at this git revision")
     args = p.parse_args(argv)
 
     import ray
@@ -152,9 +170,24 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()
     compute = compute_only(args)
-    print(f"compute only (1 thread, {args.rows // args.workers:,} rows in memory): " + ", ".join(
-        f"{k} {v:.3f} s ({100 * (v / compute['vanilla'] - 1):+.1f}%)" for k, v in compute.items()),
+    names = [k for k in compute if not k.endswith(("_cpu", "_per_epoch"))]
+    print(f"compute only (1 thread, {args.rows // args.workers:,} rows in memory), wall: " + ", ".join(
+        f"{k} {compute[k]:.3f} s ({100 * (compute[k] / compute['vanilla'] - 1):+.1f}%)" for k in names),
         flush=True)
+    print("compute only, thread CPU time: " + ", ".join(
+        f"{k} {compute[k + '_cpu']:.3f} s ({100 * (compute[k + '_cpu'] / compute['vanilla_cpu'] - 1):+.1f}%"
+        f", per epoch {min(compute[k + '_cpu_per_epoch']) * 100:+.0f}..{max(compute[k + '_cpu_per_epoch']) * 100:+.0f}%)"
+        for k in names if k != "vanilla"), flush=True)
+    if args.compute_only:
+        print(f"load average (1, 5, 15 min): before {tuple(round(v, 1) for v in load_before)}, "
+              f"after {tuple(round(v, 1) for v in os.getloadavg())}")
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"train_epoch_compute_{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path.write_text(json.dumps({"args": vars(args), "compute_only_epoch_s": compute,
+                                    "load_avg_before": load_before,
+                                    "load_avg_after": os.getloadavg()}, indent=1))
+        print(f"wrote {path}")
+        return 0
     local_ray_environment()  # as `raydir train` does for the local Ray it starts
     ray.init(num_cpus=max(os.cpu_count() or 1, args.workers + 2), include_dashboard=True,
              log_to_driver=False, configure_logging=False)

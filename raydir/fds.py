@@ -41,6 +41,16 @@ Rules chosen here (the reference code has defects on these points, see REFERENCE
   ``"mirror"`` (default) is what the reference code does (``F.pad(mode="reflect")``, the edge
   bin is not repeated: c b | a b c); ``"reflect"`` repeats it (b a | a b c).
 
+Accumulation precision (diag): float64 features are summed as they are, in float64. Lower
+precisions (float32, half) are summed in float32, the memory-bandwidth-cheap way, but shifted:
+each row adds [1, z - c_b, (z - c_b)^2] into a float32 window, with c_b a per-bin shift near
+the bin's mean (:func:`window_shift`), and every ``FOLD_ROWS`` rows the window is folded into
+the float64 accumulators as unshifted moments (also at :meth:`FDS.update` and ``state_dict``).
+A float32 sum then holds at most ~FOLD_ROWS terms of the size of the variance, not of
+mean^2 + variance: the relative error of the variance stays ~1e-7..1e-6 at any offset (tests
+compare it with float64 numpy at mean^2 / var ~ 1e6), where raw float32 sums of squares lose
+every digit.
+
 Everything is kept in registered buffers (float64 statistics), so ``state_dict`` restores the
 layer exactly; tensors follow the module's device (move it with ``.to``), never a literal one.
 """
@@ -48,6 +58,7 @@ layer exactly; tensors follow the module's device (move it with ``.to``), never 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import numpy as np
@@ -69,6 +80,12 @@ MIN_COUNT = 2  # samples a bin needs in one epoch for an unbiased variance
 # call: it stays in cache between its passes, and fresh chunk-sized temporaries (a float64 copy
 # and its square per chunk) would page-fault on every chunk, which cost 2-4x the whole update.
 _CHUNK_ELEMENTS = 1 << 20
+
+# Rows a working-precision window takes before it is folded into the float64 accumulators
+# (see add_shifted_rows): bounds the rounding error of the float32 sums (a bin's sum holds at
+# most this many terms, each relative error ~ 6e-8) while the fold, (B, 1 + 2D) float64 adds,
+# stays a small share of the rows' own cost.
+FOLD_ROWS = 4096
 
 
 # -- pure functions ---------------------------------------------------------------------------
@@ -110,6 +127,73 @@ def bin_moments(features: Tensor, bin_index: Tensor, num_bins: int,
     second = torch.zeros((num_bins, dim, dim) if covariance == "full" else (num_bins, dim), **kw)
     add_bin_moments(count, total, second, features, bin_index)
     return count, total, second
+
+
+def window_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Working precision of the shifted window: the features' dtype, at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def shifted_rows(features: Tensor, bin_index: Tensor, shift: Tensor, out: Tensor) -> Tensor:
+    """Rows [1 | z - c_b | (z - c_b)^2] of ``features`` (n, D) in ``out`` (at least n rows of
+    width 1 + 2D, column 0 already 1), with c_b = ``shift`` (B, D) of each row's bin.
+
+    The shift keeps working-precision sums of squares accurate: with c_b near the bin's mean
+    they carry the variance, not mean^2 + variance (a float32 sum of raw squares of features
+    with mean^2 / var ~ 1e6 would lose every digit of the variance)."""
+    n, dim = features.shape
+    rows = out[:n]
+    centred, square = rows[:, 1:dim + 1], rows[:, dim + 1:]
+    torch.index_select(shift, 0, bin_index, out=square)  # gathered into the square's slot
+    torch.sub(features, square, out=centred)
+    torch.mul(centred, centred, out=square)
+    return rows
+
+
+def fold_window(count: Tensor, total: Tensor, second: Tensor, window: Tensor,
+                shift: Tensor) -> None:
+    """Add a window (B, 1 + 2D) of shifted per-bin [n, sum y, sum y^2], y = z - c_b, to the
+    float64 accumulators as unshifted moments (sum z = sum y + n c, sum z^2 = sum y^2 +
+    2 c sum y + n c^2), then zero the window."""
+    dim = total.shape[1]
+    w, c = window.to(total.dtype), shift.to(total.dtype)
+    n, s1 = w[:, :1], w[:, 1:dim + 1]
+    count += w[:, 0]
+    total += s1 + n * c
+    second += w[:, dim + 1:] + c * (2 * s1 + n * c)
+    window.zero_()
+
+
+def window_shift(count: Tensor, total: Tensor, features: Tensor, bin_index: Tensor,
+                 prior: Tensor | None = None, prior_known: Tensor | None = None) -> Tensor:
+    """Per-bin shift (B, D) for a new window, in the working precision of ``features`` (the
+    window's first rows): the mean of each bin's rows so far (float64 sums ``count`` /
+    ``total``) and in ``features``; for a bin with no row, ``prior`` where ``prior_known`` (the
+    running means of seen bins), else the mean of the nearest bin that has one (FDS's own
+    premise: neighbouring bins have similar features). Only nearness matters: a shift c_b far
+    from the bin's mean m_b scales the working-precision error of its variance by
+    ~ (m_b - c_b)^2 / var_b."""
+    dtype = window_dtype(features.dtype)
+    count = count + torch.bincount(bin_index, minlength=count.shape[0])
+    total = total + torch.zeros(total.shape, dtype=dtype, device=total.device).index_add_(
+        0, bin_index, features.to(dtype))
+    known = count > 0
+    mean = total / count.clamp_min(1)[:, None]
+    if prior is not None:
+        mean = torch.where(known[:, None], mean, prior)
+        known = known | prior_known
+    return mean[nearest_known(known)].to(dtype)
+
+
+def nearest_known(known: Tensor) -> Tensor:
+    """For each bin, the index of the nearest bin where ``known`` (itself if known; the lower
+    one on a tie; any index when none is known)."""
+    num_bins = known.shape[0]
+    pos = torch.arange(num_bins, device=known.device)
+    left = torch.where(known, pos, -1).cummax(0).values
+    right = torch.where(known, pos, num_bins).flip(0).cummin(0).values.flip(0)
+    use_left = (left >= 0) & ((right >= num_bins) | (pos - left <= right - pos))
+    return torch.where(use_left, left, right).clamp(0, num_bins - 1)
 
 
 def moments_to_stats(count: Tensor, total: Tensor, second: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -275,6 +359,13 @@ class FDS(nn.Module):
         self.register_buffer("acc_count", torch.zeros(num_bins, **f64))
         self.register_buffer("acc_sum", torch.zeros(vec, **f64))
         self.register_buffer("acc_second", torch.zeros(mat, **f64))
+        # [window] diag: shifted per-bin [n, sum y, sum y^2] in working precision, folded into
+        # the float64 accumulators every FOLD_ROWS rows, at update() and at state_dict()
+        window = (num_bins, 1 + 2 * dim) if covariance == "diag" else (0,)
+        self.register_buffer("acc_window", torch.zeros(window), persistent=False)
+        self.register_buffer("acc_shift", torch.zeros(vec if covariance == "diag" else (0,)),
+                             persistent=False)
+        self._window_rows = 0
         # [frozen statistics] written only by update()
         second_init = eye.clone() if covariance == "full" else torch.ones(vec, **f64)
         self.register_buffer("running_mean", torch.zeros(vec, **f64))
@@ -307,15 +398,21 @@ class FDS(nn.Module):
         self._check_device(features)
         idx = self._rows_bin(features, labels, bin_index)
         n, dim = features.shape
+        # float64 features are summed as they are; lower precisions through the shifted window
+        shifted = self.covariance == "diag" and features.dtype != self.acc_sum.dtype
+        if shifted and n * (1 + 2 * dim) <= _CHUNK_ELEMENTS:
+            self._add_to_window(features, idx)
+            return
         if n * (dim * dim if self.covariance == "full" else dim) <= _CHUNK_ELEMENTS:
             # A training batch: testing every feature is cheap, so check first and add in place.
             if not bool(torch.isfinite(features).all()):
                 raise ValueError(_NONFINITE)
             add_bin_moments(self.acc_count, self.acc_sum, self.acc_second, features, idx)
             return
-        # Big inputs: moments into fresh tensors first. A NaN / inf feature shows up in the
-        # (B, D) sum of squares, a cheaper test than isfinite over all n x D, and nothing is
-        # half-added.
+        # Big inputs (one call per epoch, an extra pass): float64 moments into fresh tensors
+        # first, as fast here as the float32 window (each chunk is converted in one cached
+        # buffer) and exact. A NaN / inf feature shows up in the (B, D) sum of squares, a
+        # cheaper test than isfinite over all n x D, and nothing is half-added.
         count, total, second = bin_moments(features, idx, self.bins.num_bins, self.covariance)
         if not bool(torch.isfinite(second).all()):
             raise ValueError(_NONFINITE)
@@ -323,11 +420,58 @@ class FDS(nn.Module):
         self.acc_sum += total
         self.acc_second += second
 
+    def _add_to_window(self, features: Tensor, idx: Tensor) -> None:
+        """A training batch (diag): shifted rows into the working-precision window, checked
+        for NaN / inf before anything is added; a fold every FOLD_ROWS rows."""
+        dtype, (n, dim) = window_dtype(features.dtype), features.shape
+        buf = self._buffers  # the hot path: plain dict reads, not Module.__getattr__
+        if buf["acc_window"].dtype != dtype:  # fold what the old precision holds, then switch
+            self._fold()
+            buf["acc_window"], buf["acc_shift"] = (buf["acc_window"].to(dtype),
+                                                   buf["acc_shift"].to(dtype))
+        window, shift = buf["acc_window"], buf["acc_shift"]
+        if self._window_rows == 0:  # a fresh window: shift by the best per-bin means known
+            shift.copy_(window_shift(buf["acc_count"], buf["acc_sum"], features, idx,
+                                     buf["running_mean"], buf["seen"]))
+        rows = shifted_rows(features, idx, shift, self._scratch(n, window))
+        # y^2 >= 0: its sum is inf / NaN exactly when a feature (or the shift) is
+        if not math.isfinite(rows[:, dim + 1:].sum().item()):
+            raise ValueError(_NONFINITE)
+        window.index_add_(0, idx, rows)
+        self.__dict__["_window_rows"] = self._window_rows + n  # skips Module.__setattr__
+        if self._window_rows >= FOLD_ROWS:
+            self._fold()
+
+    def _scratch(self, n: int, like: Tensor) -> Tensor:
+        """Rows buffer for shifted_rows (column 0 holds ones) with the window's dtype, device
+        and width, kept between batches: a fresh one per batch would page-fault on every call."""
+        buf = self.__dict__.get("_rows_buffer")
+        if buf is None or buf.shape[0] < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.ones(max(n, 1), like.shape[1], dtype=like.dtype, device=like.device)
+            self.__dict__["_rows_buffer"] = buf
+        return buf
+
+    def _fold(self) -> None:
+        if self._window_rows:
+            fold_window(self.acc_count, self.acc_sum, self.acc_second, self.acc_window,
+                        self.acc_shift)
+            self._window_rows = 0
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._fold()  # the saved accumulators hold every row given so far
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.acc_window.zero_()  # rows added before the load belong to the replaced state
+        self._window_rows = 0
+        super()._load_from_state_dict(*args, **kwargs)
+
     @torch.no_grad()
     def update(self, epoch: int) -> None:
         """End of epoch: reduce, estimate, EMA, smooth, freeze, reset (see module docstring).
 
         Every rank must call it (it is a collective from ``start_update`` on)."""
+        self._fold()
         if epoch >= self.start_update:
             # [1] all-reduce the additive statistics: every rank then derives the same stats
             all_reduce_sum(self.acc_count, self.acc_sum, self.acc_second)
@@ -386,27 +530,33 @@ class FDS(nn.Module):
         ``bin_index`` as in :meth:`accumulate` (``labels`` still switch calibration on)."""
         features = self._check_features(features)
         if (not self.training or labels is None
-                or (epoch is not None and epoch < self.start_smooth)
-                or int(self.num_updates) == 0):
+                or (epoch is not None and epoch < self.start_smooth)):
+            return features
+        calibration = self._calibration_as(features.dtype)
+        if calibration is None:  # no update yet
             return features
         self._check_device(features)
         idx = self._rows_bin(features, labels, bin_index)
-        weight, bias = self._calibration_as(features.dtype)
-        bias = bias.index_select(0, idx)
-        if self.covariance == "diag":
-            return torch.addcmul(bias, features, weight.index_select(0, idx))
-        return self._calibrate_full(features, idx, bias, weight)
+        if self.covariance == "diag":  # one gather of [weight | bias] per row
+            rows = calibration.index_select(0, idx)
+            return torch.addcmul(rows[:, self.feature_dim:], features, rows[:, :self.feature_dim])
+        weight, bias = calibration
+        return self._calibrate_full(features, idx, bias.index_select(0, idx), weight)
 
-    def _calibration_as(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(calib_weight, calib_bias) in ``dtype``, converted once per change of the buffers
-        (an update, load_state_dict or .to()) rather than once per batch."""
-        key = (dtype, id(self.calib_weight), self.calib_weight._version,
-               id(self.calib_bias), self.calib_bias._version)
+    def _calibration_as(self, dtype: torch.dtype) -> Tensor | tuple[Tensor, Tensor] | None:
+        """The calibration map in ``dtype`` (diag: [calib_weight | calib_bias] as one (B, 2D)
+        tensor; full: the pair), or None before the first update. Converted once per change
+        of the buffers (an update, load_state_dict or .to()), so a batch reads no buffer on the
+        host (no device sync for ``num_updates``)."""
+        key = tuple((id(t), t._version) for t in (self.calib_weight, self.calib_bias,
+                                                  self.num_updates)) + (dtype,)
         cached = self.__dict__.get("_calibration_cache")
         if cached is None or cached[0] != key:
-            cached = (key, self.calib_weight.to(dtype), self.calib_bias.to(dtype))
+            weight, bias = self.calib_weight.to(dtype), self.calib_bias.to(dtype)
+            value = torch.cat([weight, bias], 1) if self.covariance == "diag" else (weight, bias)
+            cached = (key, value if int(self.num_updates) > 0 else None)
             self.__dict__["_calibration_cache"] = cached
-        return cached[1], cached[2]
+        return cached[1]
 
     def _calibrate_full(self, features: Tensor, idx: Tensor, bias: Tensor, weight: Tensor) -> Tensor:
         # One D x D matrix per bin present in the batch: gathering a matrix per sample would
@@ -484,10 +634,16 @@ class FDS(nn.Module):
         if bin_index.device != features.device:
             raise ValueError(f"'bin_index' is on {bin_index.device} but 'features' are on "
                              f"{features.device}; move it with .to(features.device).")
-        if n and bool(((bin_index < 0) | (bin_index >= num_bins)).any()):
-            raise ValueError(f"'bin_index' should lie in [0, {num_bins - 1}] (the FDS bins); got "
-                             f"values from {int(bin_index.min())} to {int(bin_index.max())}. Bin "
-                             f"the labels with the same Bins as the FDS layer.")
+        checked = self.__dict__.get("_checked_bin_index")
+        if checked is not None and checked[0]() is bin_index and checked[1] == bin_index._version:
+            return bin_index  # the same batch's bins, checked by forward() or accumulate()
+        if n:
+            lo, hi = (int(v) for v in torch.aminmax(bin_index))
+            if lo < 0 or hi >= num_bins:
+                raise ValueError(f"'bin_index' should lie in [0, {num_bins - 1}] (the FDS bins); "
+                                 f"got values from {lo} to {hi}. Bin the labels with the same "
+                                 f"Bins as the FDS layer.")
+        self.__dict__["_checked_bin_index"] = (weakref.ref(bin_index), bin_index._version)
         return bin_index
 
     def _bin_index(self, labels: Tensor, features: Tensor) -> Tensor:

@@ -271,3 +271,24 @@ def test_agedb_test_rows_per_shot(agedb_ages):
                               few_threshold=20)
     region = shots.region[bins.index(agedb_ages["test"])]
     assert np.bincount(region, minlength=3).tolist() == [1530, 448, 162]
+
+
+@pytest.mark.parametrize("edges", [
+    Bins.uniform(0.0, 100.0, 100).edges,            # float32, as np.histogram makes them
+    Bins.uniform(-3.3, 7.1, 37).edges,
+    Bins.integer(0, 121).edges,                      # float64
+    np.array([0.0, 0.5, 2.0, 2.1, 9.0]),             # not uniform: the binary search
+])
+def test_edge_search_equals_numpy_searchsorted(edges):
+    from raydir.bins import edge_search
+
+    rng = np.random.default_rng(0)
+    lo, hi = float(edges[0]), float(edges[-1])
+    span = hi - lo
+    values = np.concatenate([
+        rng.uniform(lo - 0.1 * span, hi + 0.1 * span, 20_000),
+        edges, np.nextafter(edges, -np.inf), np.nextafter(edges, np.inf),  # on and beside edges
+        np.round(rng.uniform(lo, hi, 1000), 1), [-1e30, 1e30],
+    ]).astype(edges.dtype)
+    np.testing.assert_array_equal(edge_search(edges, values),
+                                  np.searchsorted(edges, values, side="right") - 1)

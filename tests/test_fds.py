@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from scipy.ndimage import convolve1d
 
 from raydir.bins import Bins
-from raydir.fds import FDS, smooth_over_bins
+from raydir.fds import FDS, bin_moments, smooth_over_bins
 from raydir.kernels import kernel_window
 
 NUM_BINS, DIM = 8, 3
@@ -512,3 +512,96 @@ def test_calibration_follows_updates_and_loaded_state():
     a.load_state_dict(b.state_dict())
     torch.testing.assert_close(a(z, y, 1), b(z, y, 1), rtol=0, atol=0)
     torch.testing.assert_close(a(z.double(), y, 1), z.double() * b.calib_weight[idx] + b.calib_bias[idx])
+
+
+# -- working-precision windows (diag) -------------------------------------------------------------
+def _offset_data(seed: int, n: int, dim: int, num_bins: int, offset: float):
+    """float32 features with a large common offset and per-bin means far apart (up to ~ 20
+    standard deviations): the case where float32 sums of raw squares lose the variance."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randint(0, num_bins, (n,), generator=g)
+    z = (torch.randn(n, dim, generator=g, dtype=torch.float64) * (0.5 + 0.1 * b[:, None])
+         + 2.0 * b[:, None] + offset)
+    return z.float(), b
+
+
+def _np_moments(z: torch.Tensor, b: torch.Tensor, num_bins: int):
+    z64, bb = z.double().numpy(), b.numpy()
+    mean = np.stack([z64[bb == k].mean(0) for k in range(num_bins)])
+    var = np.stack([z64[bb == k].var(0, ddof=1) for k in range(num_bins)])
+    return mean, var
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+@pytest.mark.parametrize("fold_rows", [64, 4096])
+def test_float32_window_bounds_the_error_at_any_offset(monkeypatch, offset, fold_rows):
+    import raydir.fds as fds_module
+
+    monkeypatch.setattr(fds_module, "FOLD_ROWS", fold_rows)
+    num_bins, dim = 10, 16
+    z, b = _offset_data(7, 20_000, dim, num_bins, offset)
+    mean, var = _np_moments(z, b, num_bins)
+    fds = FDS(dim, Bins.integer(0, num_bins))
+    for s in range(0, len(b), 500):
+        fds.accumulate(z[s:s + 500], bin_index=b[s:s + 500])
+    state = fds.state_dict()  # folds the last window
+    count, total, second = state["acc_count"], state["acc_sum"], state["acc_second"]
+    np.testing.assert_array_equal(count.numpy(), np.bincount(b.numpy(), minlength=num_bins))
+    got_mean, got_var, _ = fds_module.moments_to_stats(count, total, second)
+    # float32 sums of <= ~fold_rows shifted terms: relative variance error ~1e-7 .. 1e-6
+    np.testing.assert_allclose(got_var.numpy(), var, rtol=2e-6)
+    np.testing.assert_allclose(got_mean.numpy(), mean, rtol=0, atol=1e-6 * np.sqrt(var).max())
+    # the bound is the shift's doing: unshifted float32 sums miss it by far at this offset
+    raw = [torch.zeros(num_bins, dim).index_add_(0, b, t).double() for t in (z, z * z)]
+    _, raw_var, _ = fds_module.moments_to_stats(count, *raw)
+    assert offset == 0 or np.abs(raw_var.numpy() / var - 1).max() > 1e-2
+
+
+@pytest.mark.parametrize("batch", [64, 1000])
+def test_layer_in_batches_matches_float64_reference(batch):
+    """Many batches through the working-precision window (folded every FOLD_ROWS rows) give
+    the float64 reference statistics; a second epoch shifts by the running means."""
+    import raydir.fds as fds_module
+
+    num_bins, dim = 10, 16
+    fds = FDS(dim, Bins.integer(0, num_bins), momentum=0.5)
+    run_mean = run_var = None
+    for epoch, offset in enumerate((1e3, 1e3 + 5.0)):
+        z, b = _offset_data(20 + epoch, 3 * fds_module.FOLD_ROWS + 123, dim, num_bins, offset)
+        for s in range(0, len(b), batch):
+            fds.accumulate(z[s:s + batch], bin_index=b[s:s + batch])
+        fds.update(epoch)
+        mean, var = _np_moments(z, b, num_bins)
+        run_mean = mean if run_mean is None else 0.5 * run_mean + 0.5 * mean
+        run_var = var if run_var is None else 0.5 * run_var + 0.5 * var
+        np.testing.assert_allclose(fds.running_var.numpy(), run_var, rtol=2e-6)
+        np.testing.assert_allclose(fds.running_mean.numpy(), run_mean, rtol=0,
+                                   atol=1e-6 * np.sqrt(run_var).max())
+
+
+def test_state_dict_holds_rows_of_an_unfolded_window_and_load_drops_them():
+    z, y = _data(110, n=100, dtype=torch.float32)
+    fds = FDS(DIM, Bins.integer(0, NUM_BINS))
+    fds.accumulate(z, y)  # 100 rows < FOLD_ROWS: still in the window
+    state = fds.state_dict()
+    count, total, _ = bin_moments(z, y.long(), NUM_BINS)
+    torch.testing.assert_close(state["acc_count"], count, rtol=0, atol=0)
+    torch.testing.assert_close(state["acc_sum"], total, rtol=1e-6, atol=1e-5)
+    other = FDS(DIM, Bins.integer(0, NUM_BINS))
+    other.accumulate(z[:10], y[:10])
+    other.load_state_dict(state)
+    other.update(0)
+    fds.update(0)
+    for key, value in fds.state_dict().items():
+        torch.testing.assert_close(other.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_float32_then_float64_batches_in_one_epoch():
+    z, y = _data(111, n=400, dtype=torch.float64)
+    mixed, ref = FDS(DIM, Bins.integer(0, NUM_BINS)), FDS(DIM, Bins.integer(0, NUM_BINS))
+    mixed.accumulate(z[:200].float(), y[:200])
+    mixed.accumulate(z[200:], y[200:])
+    ref.accumulate(torch.cat([z[:200].float().double(), z[200:]]), y)
+    mixed.update(0), ref.update(0)
+    torch.testing.assert_close(mixed.running_var, ref.running_var, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(mixed.running_mean, ref.running_mean, rtol=1e-7, atol=1e-9)

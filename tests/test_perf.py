@@ -1,0 +1,40 @@
+"""raydir.perf: threads per worker from the CPU reservation, predictor batch rows."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from raydir.perf import predict_batch_rows, worker_threads
+
+
+@pytest.mark.parametrize("cpus,cores,expected", [
+    (1.0, 2, 1), (0.5, 2, 1), (2, 8, 2), (2.9, 8, 2), (16, 4, 4),
+])
+def test_worker_threads_are_the_whole_cpus_of_the_reservation(cpus, cores, expected):
+    assert worker_threads(cpus, cpu_count=cores) == expected
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), "2", True])
+def test_worker_threads_name_the_parameter(bad):
+    with pytest.raises((TypeError, ValueError), match="'cpus_per_worker'"):
+        worker_threads(bad)
+
+
+def test_set_worker_threads_sets_torch_in_a_fresh_process():
+    code = ("import torch; from raydir.perf import set_worker_threads; "
+            "n = set_worker_threads(1.0); print(n, torch.get_num_threads(), "
+            "torch.get_num_interop_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1", "1"]
+
+
+def test_predict_batch_rows_is_a_bounded_power_of_two():
+    assert predict_batch_rows(8 * 16) == 65536            # 16 float64 features: the upper bound
+    assert predict_batch_rows(4 * 2048) == 1024           # 8 KiB rows: 8 MiB / 8 KiB
+    assert predict_batch_rows(4 * 3 * 224 * 224) == 16    # images: the lower bound
+    for row_bytes in (1, 100, 3000, 70_000, 10**7):
+        rows = predict_batch_rows(row_bytes)
+        assert rows & (rows - 1) == 0 and 16 <= rows <= 65536
