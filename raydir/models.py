@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -12,33 +13,60 @@ from raydir.config import Config
 from raydir.fds import FDS
 
 
+class ModelOutput(NamedTuple):
+    """``DIRModel(..., details=True)``: everything one forward pass computes."""
+
+    pred: torch.Tensor        # (n,) prediction in target units
+    features: torch.Tensor    # (n, d) encoder output (before FDS)
+    calibrated: torch.Tensor  # (n, d) after FDS calibration (== features without FDS)
+    scaled: torch.Tensor      # (n,) head output in training units (standardised target)
+
+
 class DIRModel(nn.Module):
     """A regression model with an optional FDS layer between encoder and head.
 
     ``forward`` returns the prediction (shape (n,), target units) and the *uncalibrated*
-    features, so the training loop can feed FDS statistics from the same forward pass.
-    FDS is an identity in eval mode and without labels, so inference is just
-    ``model(inputs)[0]``.
+    features, so the training loop can feed FDS statistics from the same forward pass;
+    ``details=True`` returns a :class:`ModelOutput` with the calibrated features and the
+    head's output in training units as well. FDS is an identity in eval mode and without
+    labels, so inference is just ``model(inputs)[0]``.
+
+    Target scaling: the head predicts a standardised target ``(y - mean) / std``; the fixed
+    buffers ``target_mean`` / ``target_std`` turn it back, ``pred = head(z) * std + mean``, so
+    what the model returns (and what is logged and served) is in the user's units. Without
+    scaling they are 0 and 1, and ``head(z) * 1 + 0`` is exactly ``head(z)``.
     """
 
     def __init__(self, encoder: nn.Module, feature_dim: int, fds: FDS | None = None,
-                 target_offset: float = 0.0):
+                 target_offset: float = 0.0, *, target_mean: float = 0.0, target_std: float = 1.0):
         super().__init__()
+        if not (math.isfinite(target_std) and target_std > 0):
+            raise ValueError(f"'target_std' should be a positive finite number; got {target_std!r}.")
         self.encoder = encoder
         self.fds = fds
         self.head = nn.Linear(feature_dim, 1)
         # Starting the head at the training mean saves the first epochs on targets like ages.
         nn.init.constant_(self.head.bias, float(target_offset))
         self.target_offset = float(target_offset)
+        self.register_buffer("target_mean", torch.tensor(float(target_mean)))
+        self.register_buffer("target_std", torch.tensor(float(target_std)))
 
     def forward(self, inputs: Any, labels: torch.Tensor | None = None,
-                epoch: int | None = None, bin_index: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                epoch: int | None = None, bin_index: torch.Tensor | None = None, *,
+                details: bool = False) -> tuple[torch.Tensor, ...]:
         features = self.encoder(**inputs) if isinstance(inputs, dict) else self.encoder(inputs)
         calibrated = features
         if self.fds is not None:
             calibrated = self.fds(features, labels, epoch, bin_index=bin_index)
-        return self.head(calibrated).squeeze(-1), features
+        scaled = self.head(calibrated).squeeze(-1)
+        pred = scaled * self.target_std + self.target_mean
+        if details:
+            return ModelOutput(pred, features, calibrated, scaled)
+        return pred, features
+
+    def standardise(self, target: torch.Tensor) -> torch.Tensor:
+        """A target in user units -> training units (exactly ``target`` without scaling)."""
+        return (target - self.target_mean) / self.target_std
 
     def reset_head(self) -> None:
         """Re-initialise the regressor (RRT stage two) with PyTorch's default Linear init."""

@@ -338,7 +338,7 @@ class PreparedPredictor:
         import torch
 
         from raydir.data.base import TARGET
-        from raydir.train import _inputs
+        from raydir.loop import model_inputs
 
         tensors = {}
         for col in self.info["input_columns"]:
@@ -347,8 +347,8 @@ class PreparedPredictor:
                 values = values.astype(np.float32) * self.scale + self.shift
             tensors[col] = torch.from_numpy(np.ascontiguousarray(values))
         with torch.no_grad():
-            pred, _ = self.net(_inputs(tensors, self.info, None, train=False,
-                                       crop_padding=self.cfg.data.image.crop_padding))
+            pred, _ = self.net(model_inputs(tensors, self.info, None, train=False,
+                                             crop_padding=self.cfg.data.image.crop_padding))
         return {PREDICTION: pred.double().cpu().numpy().reshape(-1),
                 TARGET: np.asarray(batch[TARGET], dtype=np.float64)}
 
