@@ -210,8 +210,8 @@ class Bins:
         return np.bincount(idx, weights=w, minlength=self.num_bins)
 
     # -- shot regions ---------------------------------------------------------------------
-    def shot_regions(self, train_counts: Any, *, many_threshold: int = 100,
-                     few_threshold: int = 20) -> "ShotRegions":
+    def shot_regions(self, train_counts: Any, *, many_threshold: int | None = None,
+                     few_threshold: int | None = None) -> "ShotRegions":
         """Shots from training counts per bin: many if count > ``many_threshold``, few if
         count < ``few_threshold``, medium otherwise. Bins without training data are few."""
         return ShotRegions.from_counts(train_counts, many_threshold=many_threshold,
@@ -219,6 +219,10 @@ class Bins:
 
 
 SHOTS = ("many", "medium", "few")
+# The paper's shot thresholds (training rows per bin): many > 100, few < 20. The one definition
+# of the defaults; ``shots.many_threshold`` / ``shots.few_threshold`` override them.
+MANY_THRESHOLD = 100
+FEW_THRESHOLD = 20
 
 
 @dataclass(frozen=True)
@@ -252,7 +256,12 @@ class ShotRegions:
 
     @classmethod
     def from_counts(cls, train_counts: Any, *, num_bins: int | None = None,
-                    many_threshold: int = 100, few_threshold: int = 20) -> "ShotRegions":
+                    many_threshold: int | None = None,
+                    few_threshold: int | None = None) -> "ShotRegions":
+        """Shots from training counts per bin (defaults: :data:`MANY_THRESHOLD`,
+        :data:`FEW_THRESHOLD`)."""
+        many_threshold = MANY_THRESHOLD if many_threshold is None else many_threshold
+        few_threshold = FEW_THRESHOLD if few_threshold is None else few_threshold
         counts = to_numpy_1d("train_counts", train_counts)
         check_finite("train_counts", counts)
         if (counts < 0).any():

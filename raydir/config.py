@@ -16,6 +16,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from raydir.bins import FEW_THRESHOLD, MANY_THRESHOLD
+
 SOURCES = ("synthetic", "sts-b-dir", "agedb-dir", "imdb-wiki-dir", "table")
 
 
@@ -85,8 +87,8 @@ class BinsConfig:
 
 @dataclass
 class ShotsConfig:
-    many_threshold: int = 100        # many-shot: more than this many training rows in the bin
-    few_threshold: int = 20          # few-shot: fewer than this many
+    many_threshold: int = MANY_THRESHOLD  # many-shot: more than this many training rows in the bin (100)
+    few_threshold: int = FEW_THRESHOLD    # few-shot: fewer than this many (20)
     many: list = field(default_factory=list)    # explicit bin lists override the thresholds
     medium: list = field(default_factory=list)  # (sts-b-dir uses its official lists under auto)
 

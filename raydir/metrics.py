@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from raydir._checks import as_numpy, check_finite, check_same_length, to_numpy_1d
-from raydir.bins import SHOTS, Bins, ShotRegions
+from raydir.bins import FEW_THRESHOLD, MANY_THRESHOLD, SHOTS, Bins, ShotRegions
 from raydir.distributed import all_gather_columns, all_reduce_sum
 
 REGIONS = ("overall",) + SHOTS
@@ -304,8 +304,8 @@ def _resolve_shots(bins: Bins, train_counts: Any, shots: ShotRegions | None,
 
 
 def shot_metrics(pred: Any, target: Any, *, bins: Bins, train_counts: Any = None,
-                 shots: ShotRegions | None = None, many_threshold: int = 100,
-                 few_threshold: int = 20) -> dict:
+                 shots: ShotRegions | None = None, many_threshold: int = MANY_THRESHOLD,
+                 few_threshold: int = FEW_THRESHOLD) -> dict:
     """MSE, MAE, GM, Pearson, Spearman and row count, overall and per shot region.
 
     Exactly one of ``train_counts`` (training rows per bin of ``bins``; many if
@@ -365,7 +365,8 @@ class ShotMetricAccumulator:
                 f"'shots' should be a ShotRegions (e.g. bins.shot_regions(train_counts)); got "
                 f"{type(shots).__name__}."
             )
-        self.shots = _resolve_shots(bins, None, shots, 100, 20)
+        # the regions are given: thresholds play no part (they only word the error message)
+        self.shots = _resolve_shots(bins, None, shots, MANY_THRESHOLD, FEW_THRESHOLD)
         self.bins = bins
         self.spearman = bool(spearman)
         self.device = device

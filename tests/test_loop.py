@@ -266,3 +266,45 @@ def test_callbacks_see_every_epoch_step_and_fds_update():
     run(parts, loop.LoopState(), range(2), make_batches(n=100))
     assert cb.events == [("epoch", 0), ("step", 0, 0), ("step", 0, 1), ("fds", 0, 1),
                          ("epoch", 1), ("step", 1, 0), ("step", 1, 1), ("fds", 1, 2)]
+
+
+# -- one definition per rule -------------------------------------------------------------------
+def test_rrt_weights_honour_the_reweight_clip():
+    """RRT stage two inverts counts clipped to [clip_min, clip_max] (as stage one does):
+    against numpy on the clipped histogram, normalised to mean 1 over training rows."""
+    from raydir.train import rrt_bin_weights
+
+    counts = np.array([0, 1, 3, 10, 40, 200, 1000, 7, 2, 0])
+    cfg = make_config(reweight={"clip_min": 5.0, "clip_max": 100.0},
+                      rrt={"enabled": True, "scheme": "inverse", "lds": False})
+    got = rrt_bin_weights(cfg, counts)
+    expected = 1.0 / np.clip(counts, 5.0, 100.0)
+    expected *= counts.sum() / (counts * expected).sum()
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    unclipped = rrt_bin_weights(make_config(rrt={"enabled": True, "scheme": "inverse", "lds": False}),
+                                counts)
+    assert not np.allclose(got, unclipped)
+
+
+def test_custom_shot_thresholds_reach_every_metric():
+    """shots.many_threshold / few_threshold decide the regions of the prepared data and so of
+    every reported metric: counts and MAE per region against numpy on the same thresholds."""
+    from raydir.data.pipeline import resolve_shots
+
+    cfg = make_config(shots={"many_threshold": 45, "few_threshold": 38})
+    batches = make_batches(n=400)
+    y = np.concatenate([b[TARGET].numpy() for b in batches])
+    counts = BINS.histogram(y)
+    shots = resolve_shots(cfg.shots, None, counts, BINS)
+    info = make_info(shot_region=shots.region.tolist())
+    parts = build(cfg, info)
+    result, _ = loop.evaluate(parts.core, batches, info, BINS, shots, expected_rows=400, split="val")
+    pred = torch.cat([parts.core(b["features"])[0] for b in batches]).detach().numpy()
+    region = np.where(counts > 45, "many", np.where(counts < 38, "few", "medium"))[BINS.index(y)]
+    assert len(set(region)) == 3, np.unique(region, return_counts=True)  # the thresholds matter
+    for shot in ("many", "medium", "few"):
+        rows = region == shot
+        assert result[shot]["count"] == rows.sum(), shot
+        np.testing.assert_allclose(result[shot]["mae"], np.abs(pred - y)[rows].mean(), rtol=1e-5)
+    default = resolve_shots(make_config().shots, None, counts, BINS)
+    assert not np.array_equal(default.region, shots.region)
