@@ -19,6 +19,10 @@ import yaml
 from raydir.bins import FEW_THRESHOLD, MANY_THRESHOLD
 
 SOURCES = ("synthetic", "sts-b-dir", "agedb-dir", "imdb-wiki-dir", "table")
+TARGET_SCALES = ("auto", "standard", "none")
+# data.target_scale "auto": standardise targets of sources in arbitrary units (tables: prices,
+# counts...; the synthetic source); the benchmarks' ages and 0-5 scores train as they are.
+SCALED_BY_DEFAULT = ("table", "synthetic")
 
 
 @dataclass
@@ -69,6 +73,7 @@ class DataConfig:
     cache_dir: str = ".raydir_cache"  # prepared Parquet shards, keyed by a hash of this section; "" = no cache
     nan_policy: str = "error"        # NaN / inf targets: error | drop (count is logged)
     seed: int = 0                    # data generation / split seed
+    target_scale: str = "auto"       # model trains on (y - mean) / std: standard | none | auto (standard for table / synthetic)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     table: TableConfig = field(default_factory=TableConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -264,6 +269,13 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @property
+    def target_scale(self) -> str:
+        """``data.target_scale`` with ``auto`` resolved: ``standard`` or ``none``."""
+        if self.data.target_scale != "auto":
+            return self.data.target_scale
+        return "standard" if self.data.source in SCALED_BY_DEFAULT else "none"
+
+    @property
     def total_epochs(self) -> int:
         """Stage one's epochs plus RRT stage two's (the final test report's MLflow step)."""
         return self.train.epochs + (self.rrt.epochs if self.rrt.enabled else 0)
@@ -295,6 +307,7 @@ class Config:
     def validate(self) -> None:
         _choice("data.source", self.data.source, SOURCES)
         _choice("data.nan_policy", self.data.nan_policy, ("error", "drop"))
+        _choice("data.target_scale", self.data.target_scale, TARGET_SCALES)
         _choice("data.synthetic.distribution", self.data.synthetic.distribution, ("age", "long_tail", "bimodal"))
         _positive("data.synthetic.n_train", self.data.synthetic.n_train)
         _positive("data.synthetic.num_features", self.data.synthetic.num_features)

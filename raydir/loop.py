@@ -59,7 +59,7 @@ from raydir.bins import Bins, ShotRegions
 from raydir.config import Config
 from raydir.data.base import BIN, TARGET
 from raydir.distributed import all_reduce_sum
-from raydir.metrics import ShotMetricAccumulator
+from raydir.metrics import ShotMetricAccumulator, flatten_metrics
 from raydir.models import DIRModel, build_model
 from raydir.objectives import BinWeights, Objective, ObjectiveContext, StepInputs, build_objective
 
@@ -415,8 +415,6 @@ def select_value(result: dict, metric: str) -> float:
 def record_epoch(parts: Parts, state: LoopState, epoch: int, val: dict, metrics: dict) -> dict:
     """Keep the best weights of the stage and append the epoch's metrics to the history;
     returns the metrics to report (``val_*`` flattened beside ``metrics``)."""
-    from raydir.tracking import flatten_metrics
-
     value = select_value(val, parts.cfg.train.select_metric)
     if value < state.best_value:
         state.best_value, state.best_epoch = value, epoch
@@ -441,8 +439,6 @@ def final_payload(parts: Parts, state: LoopState, test: dict) -> dict:
 def final_metrics(state: LoopState, test: dict) -> dict:
     """Test metrics of the best weights, and the validation metrics of the epoch whose
     weights were tested (what a sweep ranks by)."""
-    from raydir.tracking import flatten_metrics
-
     best_row = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
     return {"final": 1, **flatten_metrics(test, "test"), "best_epoch": state.best_epoch,
             **{f"best_{k}": v for k, v in best_row.items() if k.startswith("val_")}}

@@ -466,3 +466,13 @@ class ShotMetricAccumulator:
     def per_bin_table(self) -> dict[str, np.ndarray]:
         """:func:`per_bin_table` of the reduced statistics of the last :meth:`compute`."""
         return per_bin_table(self._require_computed("per_bin_table"), self.bins, self.shots)
+
+
+def flatten_metrics(result: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
+    """``{"overall": {"mae": ..}, "few": {..}}`` -> ``{"val_mae": .., "val_few_mae": ..}``."""
+    out = {}
+    for region, values in result.items():
+        for name, value in values.items():
+            key = f"{prefix}_{name}" if region == "overall" else f"{prefix}_{region}_{name}"
+            out[key] = value
+    return out

@@ -115,4 +115,7 @@ def build_model(cfg: Config, info: dict) -> DIRModel:
                   kernel=f.kernel, ks=f.ks, sigma=f.sigma, momentum=f.momentum,
                   start_update=f.start_update, start_smooth=f.start_smooth,
                   clamp=(f.clamp_min, f.clamp_max), covariance=f.covariance)
-    return DIRModel(encoder, cfg.model.feature_dim, fds, target_offset=info.get("target_mean", 0.0))
+    if info.get("target_scale") == "standard":  # the head predicts (y - mean) / std
+        return DIRModel(encoder, cfg.model.feature_dim, fds, target_offset=0.0,
+                        target_mean=info["target_mean"], target_std=info["target_std"])
+    return DIRModel(encoder, cfg.model.feature_dim, fds, target_offset=info.get("target_offset", 0.0))

@@ -442,7 +442,7 @@ def _log_evaluation(uri: str, cfg, ref: ModelRef, split: str, result: dict, per_
     from mlflow.tracking import MlflowClient
 
     from raydir import report, tracking
-    from raydir.tracking import flatten_metrics
+    from raydir.metrics import flatten_metrics
 
     client = MlflowClient(uri, registry_uri=uri)
     exp_id = tracking.experiment_id(client, uri, cfg.tracking.experiment)

@@ -16,6 +16,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from raydir.metrics import flatten_metrics  # noqa: F401  (re-exported: raydir.tracking.flatten_metrics)
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 
 
@@ -80,16 +82,6 @@ def metrics_callback(tracking_uri: str, run_id: str, final_step: int):
                 client.log_batch(run_id, metrics=batch[i:i + 500])
 
     return MetricsToMlflow()
-
-
-def flatten_metrics(result: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
-    """``{"overall": {"mae": ..}, "few": {..}}`` -> ``{"val_mae": .., "val_few_mae": ..}``."""
-    out = {}
-    for region, values in result.items():
-        for name, value in values.items():
-            key = f"{prefix}_{name}" if region == "overall" else f"{prefix}_{region}_{name}"
-            out[key] = value
-    return out
 
 
 # -- the logged model -----------------------------------------------------------------------

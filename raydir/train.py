@@ -229,8 +229,11 @@ def model_info(cfg: Config, prepared) -> dict:
     """The prepared data's model description plus what the worker needs beside it."""
     info = prepared.model_info()
     info["shot_region"] = prepared.shots.region.tolist()
-    info["target_mean"] = float(np.dot(prepared.train_counts, prepared.bins.centers)
-                                / max(prepared.train_counts.sum(), 1))
+    # the head's initial bias without target scaling: the train mean from the histogram
+    info["target_offset"] = float(np.dot(prepared.train_counts, prepared.bins.centers)
+                                  / max(prepared.train_counts.sum(), 1))
+    info["target_scale"] = cfg.target_scale
+    info["target_mean"], info["target_std"] = prepared.target_mean, prepared.target_std
     return info
 
 

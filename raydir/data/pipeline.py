@@ -156,6 +156,13 @@ class SplitStats:
     feature_mean: np.ndarray | None = None
     feature_m2: np.ndarray | None = None   # centred sum of squares per feature
     feature_nonfinite: int = 0     # non-finite feature values among those rows
+    target_count: int = 0          # finite targets entering the target moments
+    target_mean: float = 0.0
+    target_m2: float = 0.0         # centred sum of squares of the finite targets
+
+    @property
+    def target_std(self) -> float:
+        return float(np.sqrt(self.target_m2 / max(self.target_count, 1)))
 
     @property
     def feature_std(self) -> np.ndarray | None:
@@ -201,6 +208,7 @@ class BlockStats:
             "above": np.array([int(above.sum())], dtype=np.int64),
             "outside_first": np.pad(outside.astype(np.float64), (0, FIRST - outside.size),
                                     constant_values=np.nan)[None],
+            **_target_moments(y),
         }
         if self.features is not None:
             x = np.asarray(batch[self.features], dtype=np.float64)
@@ -219,6 +227,13 @@ class BlockStats:
         return out
 
 
+def _target_moments(y: np.ndarray) -> dict[str, np.ndarray]:
+    y = y.astype(np.float64)
+    mean = float(y.mean()) if y.size else 0.0
+    return {"target_count": np.array([y.size], dtype=np.int64),
+            "target_mean": np.array([mean]), "target_m2": np.array([float(((y - mean) ** 2).sum())])}
+
+
 def split_stats(ds, bins: Bins, *, column: str = TARGET, features: str | None = None) -> SplitStats:
     """[2] One distributed pass over ``ds``: per-block statistics, summed on the driver."""
     rows = ds.map_batches(BlockStats(bins, column, features), batch_format="numpy",
@@ -233,6 +248,10 @@ def split_stats(ds, bins: Bins, *, column: str = TARGET, features: str | None = 
         stats.above += int(r["above"])
         first = np.asarray(r["outside_first"], dtype=np.float64)
         stats.outside_first.extend(first[~np.isnan(first)].tolist())
+        n, mean, m2 = merge_moments(stats.target_count, np.float64(stats.target_mean),
+                                    np.float64(stats.target_m2), int(r["target_count"]),
+                                    np.float64(r["target_mean"]), np.float64(r["target_m2"]))
+        stats.target_count, stats.target_mean, stats.target_m2 = n, float(mean), float(m2)
         if features is not None:
             mean, m2 = np.asarray(r["feature_mean"]), np.asarray(r["feature_m2"])
             if stats.feature_mean is None:
@@ -355,6 +374,8 @@ class PreparedData:
     sizes: dict[str, int]              # rows per split (after the nan policy)
     split_counts: dict[str, np.ndarray]  # int64 rows per bin for every split
     meta: dict[str, Any] = field(default_factory=dict)  # source meta + cache_dir, key, dropped
+    target_mean: float = 0.0           # mean of the training targets (after resampling)
+    target_std: float = 1.0            # their std (population; 1 when constant)
     base_datasets: dict[str, Any] = field(default_factory=dict, repr=False)  # without weight
 
     @property
@@ -453,11 +474,12 @@ def _fingerprint(path: str) -> Any:
 
 
 def cache_key(cfg) -> str:
-    """Hash of what determines the prepared splits: the data section (minus cache_dir and
-    the sub-sections of other sources; the encoder is part of the text section), the bins
+    """Hash of what determines the prepared splits: the data section (minus cache_dir,
+    target_scale (the model's business, not the splits') and the sub-sections of other sources; the encoder is part of the text section), the bins
     section, the resample section when it resamples, and the data files' size / mtime."""
     data = dataclasses.asdict(cfg.data)
-    keep = {k: v for k, v in data.items() if not isinstance(v, dict) and k != "cache_dir"}
+    keep = {k: v for k, v in data.items()
+            if not isinstance(v, dict) and k not in ("cache_dir", "target_scale")}
     section = SOURCE_SECTIONS.get(cfg.data.source)
     if section:
         keep[section] = data[section]
@@ -593,6 +615,8 @@ def prepare(cfg, *, log: Callable[[str], Any] = print) -> PreparedData:
         "default_shots": None if source.default_shots is None else source.default_shots.to_dict(),
         "feature_mean": None if mean is None else mean.tolist(),
         "feature_std": None if std is None else std.tolist(),
+        "target_mean": stats["train"].target_mean,
+        "target_std": stats["train"].target_std,
         "input_kind": source.input_kind,
         "input_columns": list(source.input_columns),
         "raw_columns": list(source.raw_columns),
@@ -636,6 +660,9 @@ def _assemble(cfg, manifest: dict, base: dict[str, Any], log: Callable, entry: P
     datasets = {s: base[s].map_batches(AddWeight(weights), batch_format="numpy") for s in SPLITS}
     mean = manifest.get("feature_mean")
     std = manifest.get("feature_std")
+    if manifest.get("target_std") is None:  # a cache written before target moments were kept
+        st = split_stats(base["train"], bins)
+        manifest = {**manifest, "target_mean": st.target_mean, "target_std": st.target_std}
     meta = dict(manifest.get("meta") or {})
     meta.update({"cache_dir": None if entry is None else str(entry),
                  "dropped": manifest.get("dropped", {}), "resample": resampled})
@@ -647,6 +674,8 @@ def _assemble(cfg, manifest: dict, base: dict[str, Any], log: Callable, entry: P
         input_kind=manifest["input_kind"], input_columns=list(manifest["input_columns"]),
         raw_columns=list(manifest["raw_columns"]), sizes=dict(manifest["sizes"]),
         split_counts=counts, meta=meta, base_datasets=base,
+        target_mean=float(manifest["target_mean"]),
+        target_std=float(manifest["target_std"]) if manifest["target_std"] > 0 else 1.0,
     )
 
 
