@@ -57,7 +57,7 @@ from torch import nn
 
 from raydir.bins import Bins, ShotRegions
 from raydir.config import Config
-from raydir.data.base import BIN, TARGET
+from raydir.data.base import BIN, TARGET, ModelInfo
 from raydir.distributed import all_reduce_sum
 from raydir.metrics import ShotMetricAccumulator, flatten_metrics
 from raydir.models import DIRModel, build_model
@@ -103,7 +103,7 @@ class Parts:
     DDP wrapper); ``wrap`` re-wraps ``core`` when RRT changes which parameters train."""
 
     cfg: Config
-    info: dict
+    info: ModelInfo
     core: DIRModel
     model: nn.Module
     objective: Objective
@@ -152,7 +152,7 @@ def step_scheduler(scheduler, optimizer: torch.optim.Optimizer) -> None:
             group["lr"] = group["initial_lr"]
 
 
-def build_parts(cfg: Config, info: dict, *, bin_weights, train_counts=None, rrt_bin_weights=None,
+def build_parts(cfg: Config, info: ModelInfo, *, bin_weights, train_counts=None, rrt_bin_weights=None,
                 device: torch.device | str | None = None, rank: int = 0,
                 wrap: Callable[[nn.Module], nn.Module] | None = None,
                 callbacks: Iterable = ()) -> Parts:
@@ -167,7 +167,7 @@ def build_parts(cfg: Config, info: dict, *, bin_weights, train_counts=None, rrt_
     core = build_model(cfg, info)
     model = wrap(core)
     core = model.module if hasattr(model, "module") else model
-    bins = Bins.from_dict(info["bins"])
+    bins = info.bins
     counts = np.zeros(bins.num_bins, dtype=np.int64) if train_counts is None else np.asarray(train_counts)
     objective = build_objective(cfg, ObjectiveContext(bins=bins, train_counts=counts,
                                                       feature_dim=cfg.model.feature_dim))
@@ -250,24 +250,24 @@ def restore(parts: Parts, payload: dict) -> LoopState:
 
 
 # -- one epoch --------------------------------------------------------------------------------
-def model_inputs(batch: dict, info: dict, generator: torch.Generator | None, train: bool,
+def model_inputs(batch: dict, info: ModelInfo, generator: torch.Generator | None, train: bool,
                  crop_padding: int = 8):
     """What the model reads from a batch: the feature matrix, the token columns, or the
     normalised (and, in training, randomly cropped and flipped) images."""
-    kind = info["input_kind"]
+    kind = info.input_kind
     if kind == "features":
         return batch["features"].float()
     if kind == "tokens":
-        return {c: batch[c] for c in info["input_columns"]}
+        return {c: batch[c] for c in info.input_columns}
     from raydir.data.images import augment_batch
 
     return augment_batch(batch["image"], generator, train=train, padding=crop_padding)
 
 
-def make_views(batch: dict, inputs, info: dict, n: int, generator: torch.Generator,
+def make_views(batch: dict, inputs, info: ModelInfo, n: int, generator: torch.Generator,
                crop_padding: int = 8) -> list:
     """``n`` augmented views of a batch's model inputs (see the module docstring)."""
-    kind = info["input_kind"]
+    kind = info.input_kind
     views = []
     for _ in range(n):
         if kind == "features":
@@ -381,7 +381,7 @@ def fds_end_of_epoch(parts: Parts, state: LoopState, epoch: int,
 
 
 # -- evaluation and bookkeeping ---------------------------------------------------------------
-def evaluate(model: nn.Module, batches: Iterable[dict], info: dict, bins: Bins, shots: ShotRegions,
+def evaluate(model: nn.Module, batches: Iterable[dict], info: ModelInfo, bins: Bins, shots: ShotRegions,
              *, expected_rows: int, split: str):
     """Shot metrics of this rank's disjoint part of a split, merged across ranks; returns
     ``(metrics, accumulator)``.

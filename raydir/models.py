@@ -8,8 +8,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from raydir.bins import Bins
 from raydir.config import Config
+from raydir.data.base import ModelInfo
 from raydir.fds import FDS
 
 
@@ -76,24 +76,24 @@ class DIRModel(nn.Module):
             self.head.bias.fill_(self.target_offset)
 
 
-def model_kind(cfg: Config, info: dict) -> str:
+def model_kind(cfg: Config, info: ModelInfo) -> str:
     if cfg.model.kind != "auto":
         return cfg.model.kind
-    return {"features": "mlp", "tokens": "bilstm", "image": "resnet"}[info["input_kind"]]
+    return {"features": "mlp", "tokens": "bilstm", "image": "resnet"}[info.input_kind]
 
 
-def build_encoder(cfg: Config, info: dict) -> nn.Module:
+def build_encoder(cfg: Config, info: ModelInfo) -> nn.Module:
     from raydir import encoders
 
     kind = model_kind(cfg, info)
     m = cfg.model
     if kind in ("mlp", "text_pair"):
-        if info["input_kind"] != "features":
+        if info.input_kind != "features":
             raise ValueError(
                 f"'model.kind' is {kind!r}, which reads a feature vector, but the data source gives "
-                f"{info['input_kind']!r} inputs. Use model.kind=auto."
+                f"{info.input_kind!r} inputs. Use model.kind=auto."
             )
-        return encoders.MLPEncoder(int(info["num_features"]), list(m.hidden), m.feature_dim, m.dropout)
+        return encoders.MLPEncoder(int(info.num_features), list(m.hidden), m.feature_dim, m.dropout)
     if kind == "bilstm":
         embedding = encoders.load_glove_matrix()
         return encoders.BiLSTMPairEncoder(embedding, hidden=m.lstm_hidden, out_dim=m.feature_dim)
@@ -105,17 +105,17 @@ def build_encoder(cfg: Config, info: dict) -> nn.Module:
     raise ValueError(f"unknown model.kind {kind!r}")  # config validation makes this unreachable
 
 
-def build_model(cfg: Config, info: dict) -> DIRModel:
+def build_model(cfg: Config, info: ModelInfo) -> DIRModel:
     """The model for a config and ``PreparedData.model_info()``."""
     encoder = build_encoder(cfg, info)
     fds = None
     if cfg.fds.enabled:
         f = cfg.fds
-        fds = FDS(cfg.model.feature_dim, Bins.from_dict(info["bins"]),
+        fds = FDS(cfg.model.feature_dim, info.bins,
                   kernel=f.kernel, ks=f.ks, sigma=f.sigma, momentum=f.momentum,
                   start_update=f.start_update, start_smooth=f.start_smooth,
                   clamp=(f.clamp_min, f.clamp_max), covariance=f.covariance)
-    if info.get("target_scale") == "standard":  # the head predicts (y - mean) / std
+    if info.target_scale == "standard":  # the head predicts (y - mean) / std
         return DIRModel(encoder, cfg.model.feature_dim, fds, target_offset=0.0,
-                        target_mean=info["target_mean"], target_std=info["target_std"])
-    return DIRModel(encoder, cfg.model.feature_dim, fds, target_offset=info.get("target_offset", 0.0))
+                        target_mean=info.target_mean, target_std=info.target_std)
+    return DIRModel(encoder, cfg.model.feature_dim, fds, target_offset=info.target_offset)

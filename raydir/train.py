@@ -18,13 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 import torch
 
 from raydir import loop
-from raydir.bins import Bins, ShotRegions
 from raydir.config import Config
+from raydir.data.base import ModelInfo
 
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.pt"
@@ -60,12 +59,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     _quiet_report_log()
     cfg = Config.from_dict(config["cfg"])
-    info = config["model_info"]
+    info = ModelInfo.from_dict(config["model_info"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
-    bins = Bins.from_dict(info["bins"])
-    shots = ShotRegions(np.asarray(info["shot_region"], dtype=np.int8))
+    bins, shots = info.bins, info.shots
     sizes = config["sizes"]
 
     def wrap(core):  # [2] prepare model. FDS buffers are not broadcast by DDP: they are all-reduced.
@@ -188,7 +186,7 @@ def run_training(cfg: Config, *, resume: str | None = None, log: Callable[[str],
     t = cfg.train
     ensure_ray(t.num_workers * t.cpus_per_worker)
     prepared = prepare(cfg, log=log).train_in_memory(t.materialize, log=log)
-    info = model_info(cfg, prepared)
+    info = prepared.model_info(cfg.target_scale)
 
     run = tracking.start_run(uri, cfg, resume=resume, extra_params=derived_params(cfg, prepared))
     log(f"MLflow run {run.run_id} in experiment '{cfg.tracking.experiment}' at {uri}")
@@ -204,7 +202,7 @@ def run_training(cfg: Config, *, resume: str | None = None, log: Callable[[str],
     return out
 
 
-def fit_and_finish(trainer, uri: str, run_id: str, cfg: Config, prepared, info: dict, *,
+def fit_and_finish(trainer, uri: str, run_id: str, cfg: Config, prepared, info: ModelInfo, *,
                    failure_hint: str = "", log: Callable[[str], Any] = print) -> tuple[dict, dict]:
     """Fit; on any error mark the MLflow run FAILED (and say how to go on), else log the test
     results and the model. Returns the run's result dict and the final checkpoint's content."""
@@ -225,18 +223,6 @@ def fit_and_finish(trainer, uri: str, run_id: str, cfg: Config, prepared, info: 
     return out, final
 
 
-def model_info(cfg: Config, prepared) -> dict:
-    """The prepared data's model description plus what the worker needs beside it."""
-    info = prepared.model_info()
-    info["shot_region"] = prepared.shots.region.tolist()
-    # the head's initial bias without target scaling: the train mean from the histogram
-    info["target_offset"] = float(np.dot(prepared.train_counts, prepared.bins.centers)
-                                  / max(prepared.train_counts.sum(), 1))
-    info["target_scale"] = cfg.target_scale
-    info["target_mean"], info["target_std"] = prepared.target_mean, prepared.target_std
-    return info
-
-
 def derived_params(cfg: Config, prepared) -> dict:
     """MLflow params that are not config values."""
     return {"derived.fds_gather": cfg.fds.gather if cfg.fds.enabled else "off",
@@ -254,7 +240,7 @@ def rrt_bin_weights(cfg: Config, train_counts, log: Callable[[str], Any] = print
     return compute_bin_weights(train_counts, section, log)
 
 
-def build_trainer(cfg: Config, prepared, info: dict, *, tracking_uri: str, run_id: str, name: str,
+def build_trainer(cfg: Config, prepared, info: ModelInfo, *, tracking_uri: str, run_id: str, name: str,
                   storage_path: str, callbacks: list | None = None,
                   loop_callbacks: list | None = None):
     """The ``TorchTrainer`` for one configuration (``raydir train`` and every Tune trial).
@@ -288,7 +274,7 @@ def build_trainer(cfg: Config, prepared, info: dict, *, tracking_uri: str, run_i
         ds.context.enable_progress_bars = False  # workers print one line per epoch instead
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "model_info": info, "sizes": prepared.sizes,
+        train_loop_config={"cfg": cfg.to_dict(), "model_info": info.to_dict(), "sizes": prepared.sizes,
                            "bin_weights": prepared.bin_weights.tolist(), "rrt_bin_weights": rrt_w,
                            "train_counts": prepared.train_counts.tolist(),
                            "callbacks": list(loop_callbacks or [])},

@@ -250,7 +250,7 @@ def _child_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, sweep: 
     return run, False
 
 
-def _trial_fn(values: dict, *, base: dict, prepared, info: dict, uri: str, parent_run_id: str,
+def _trial_fn(values: dict, *, base: dict, prepared, info, uri: str, parent_run_id: str,
               sweep: str, train_storage: str) -> None:
     """One Tune trial: its config, child run, a TorchTrainer with its own workers, and the
     finished child run (test metrics, artifacts, the model when ``tune.log_models``)."""
@@ -363,7 +363,7 @@ def run_sweep(cfg: Config, *, log: Callable[[str], Any] = print,
 
     from raydir import tracking
     from raydir.data.pipeline import cache_key, prepare
-    from raydir.train import ensure_ray, model_info
+    from raydir.train import ensure_ray
 
     started = time.perf_counter()
     n_grid = check_trial_values(cfg)
@@ -378,7 +378,7 @@ def run_sweep(cfg: Config, *, log: Callable[[str], Any] = print,
     restoring = tune.Tuner.can_restore(path)
     # held in memory once for all trials (a trial's reweighted copy maps over the same blocks)
     prepared = prepare(cfg, log=log).train_in_memory(cfg.train.materialize, log=log)
-    info = model_info(cfg, prepared)
+    info = prepared.model_info(cfg.target_scale)
     parent = _parent_run(uri, cfg, sweep, path, restoring, log)
     if not restoring:
         tracking.log_data_artifacts(uri, parent.run_id, cfg, prepared)

@@ -13,7 +13,7 @@ from scipy.ndimage import convolve1d
 from raydir import loop
 from raydir.bins import Bins, ShotRegions
 from raydir.config import Config
-from raydir.data.base import BIN, TARGET
+from raydir.data.base import BIN, TARGET, ModelInfo
 from raydir.kernels import kernel_window
 from raydir.objectives import Objective, StepInputs, TaskLoss, Term, task_loss_fn
 
@@ -48,13 +48,12 @@ def make_batches(n: int = 400, batch_size: int = 50, seed: int = 0, scale: float
     return out
 
 
-def make_info(bins: Bins = BINS, target_offset: float = 5.0, **extra) -> dict:
-    counts = np.full(bins.num_bins, 40)
-    return {"input_kind": "features", "input_columns": ["features"], "raw_columns": [],
-            "num_features": NUM_FEATURES, "bins": bins.to_dict(),
-            "shots": ShotRegions.from_counts(counts).to_dict(),
-            "shot_region": ShotRegions.from_counts(counts).region.tolist(),
-            "target_offset": target_offset, **extra}
+def make_info(bins: Bins = BINS, target_offset: float = 5.0, **extra) -> ModelInfo:
+    values = dict(input_kind="features", input_columns=["features"], raw_columns=[],
+                  num_features=NUM_FEATURES, bins=bins,
+                  shots=ShotRegions.from_counts(np.full(bins.num_bins, 40)),
+                  target_offset=target_offset)
+    return ModelInfo(**{**values, **extra})
 
 
 def make_config(**sections) -> Config:
@@ -66,15 +65,14 @@ def make_config(**sections) -> Config:
     return Config.from_dict(raw)
 
 
-def build(cfg: Config, info: dict | None = None, **kw) -> loop.Parts:
+def build(cfg: Config, info: ModelInfo | None = None, **kw) -> loop.Parts:
     info = info or make_info()
-    nb = Bins.from_dict(info["bins"]).num_bins
+    nb = info.bins.num_bins
     return loop.build_parts(cfg, info, bin_weights=np.ones(nb), train_counts=np.full(nb, 40), **kw)
 
 
 def run(parts: loop.Parts, state: loop.LoopState, epochs, batches, val=None) -> list[dict]:
-    bins = Bins.from_dict(parts.info["bins"])
-    shots = ShotRegions(np.asarray(parts.info["shot_region"], dtype=np.int8))
+    bins, shots = parts.info.bins, parts.info.shots
     val = val or batches
     rows = sum(len(b[TARGET]) for b in val)
     out = []
@@ -190,7 +188,7 @@ def test_rrt_weights_are_used_in_stage_two():
 def test_evaluation_counts_every_row_and_refuses_a_wrong_total():
     parts = build(make_config())
     batches = make_batches(n=130, batch_size=40)  # 40 + 40 + 40 + 10
-    shots = ShotRegions(np.asarray(parts.info["shot_region"], dtype=np.int8))
+    shots = parts.info.shots
     result, acc = loop.evaluate(parts.core, batches, parts.info, BINS, shots, expected_rows=130,
                                 split="val")
     assert acc.count == result["overall"]["count"] == 130
@@ -245,13 +243,14 @@ def test_views_one_forward_pass_fds_from_main_rows_and_term_parameters():
 def test_make_views_features_noise_and_dropout():
     g = torch.Generator().manual_seed(0)
     x = torch.zeros(2000, 4)
-    (v,) = loop.make_views({}, x, {"input_kind": "features"}, 1, g)
+    (v,) = loop.make_views({}, x, make_info(), 1, g)
     dropped = (v == 0).float().mean().item()
     assert abs(dropped - loop.VIEW_DROPOUT) < 0.02
     kept = v[v != 0] * (1 - loop.VIEW_DROPOUT)
     assert abs(kept.std().item() - loop.VIEW_NOISE_STD) < 0.01
     tokens = {"a": torch.arange(6).reshape(2, 3)}
-    assert loop.make_views({}, tokens, {"input_kind": "tokens"}, 2, g) == [tokens, tokens]
+    info = make_info(input_kind="tokens", input_columns=["a"])
+    assert loop.make_views({}, tokens, info, 2, g) == [tokens, tokens]
 
 
 class _Counter(loop.LoopCallback):
@@ -305,7 +304,7 @@ def test_custom_shot_thresholds_reach_every_metric():
     y = np.concatenate([b[TARGET].numpy() for b in batches])
     counts = BINS.histogram(y)
     shots = resolve_shots(cfg.shots, None, counts, BINS)
-    info = make_info(shot_region=shots.region.tolist())
+    info = make_info(shots=shots)
     parts = build(cfg, info)
     result, _ = loop.evaluate(parts.core, batches, info, BINS, shots, expected_rows=400, split="val")
     pred = torch.cat([parts.core(b["features"])[0] for b in batches]).detach().numpy()
@@ -333,8 +332,7 @@ def _fit_scaled(scale: float, target_scale: str, epochs: int = 12):
     parts, state = build(cfg, info), loop.LoopState()
     for epoch in range(epochs):
         loop.train_epoch(parts, state, epoch, train)
-    shots = ShotRegions(np.asarray(info["shot_region"], dtype=np.int8))
-    result, _ = loop.evaluate(parts.core, test, info, bins, shots, expected_rows=400, split="test")
+    result, _ = loop.evaluate(parts.core, test, info, bins, info.shots, expected_rows=400, split="test")
     with torch.no_grad():
         pred = torch.cat([parts.core(b["features"])[0] for b in test]).numpy()
     return result["overall"]["mae"], pred, np.concatenate([b[TARGET].numpy() for b in test]), parts

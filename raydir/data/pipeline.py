@@ -45,7 +45,7 @@ import numpy as np
 
 from raydir._checks import check_choice
 from raydir.bins import SHOTS, Bins, ShotRegions
-from raydir.data.base import BIN, FEATURES, SPLITS, TARGET, WEIGHT, SourceData
+from raydir.data.base import BIN, FEATURES, SPLITS, TARGET, WEIGHT, ModelInfo, SourceData
 
 CACHE_VERSION = 1  # bump when the layout or the meaning of the cached columns changes
 SOURCE_MODULES = {
@@ -439,22 +439,29 @@ class PreparedData:
             out[f"resample.original_{shot}_rows"] = int(original[idx].sum())
         return out
 
-    def model_info(self) -> dict[str, Any]:
-        """JSON-safe description of the inputs for the model and its logged pyfunc:
-        raw columns -> encoder -> (x - mean) / std -> model."""
-        return {
-            "input_kind": self.input_kind,
-            "input_columns": list(self.input_columns),
-            "raw_columns": list(self.raw_columns),
-            "num_features": self.num_features,
-            "feature_names": list(self.meta.get("feature_names", [])),
-            "feature_mean": None if self.feature_mean is None else self.feature_mean.tolist(),
-            "feature_std": None if self.feature_std is None else self.feature_std.tolist(),
-            "encoder": self.meta.get("encoder"),
-            "bins": self.bins.to_dict(),
-            "shots": self.shots.to_dict(),
-            "source": self.meta.get("source"),
-        }
+    def model_info(self, target_scale: str = "none") -> ModelInfo:
+        """What the model and its logged pyfunc keep of the data: raw columns -> encoder ->
+        (x - mean) / std -> model, the bins and shot regions, and the target scaling
+        (``standard`` or ``none``, :attr:`raydir.config.Config.target_scale`)."""
+        check_choice("target_scale", target_scale, ("standard", "none"))
+        counts = self.train_counts
+        return ModelInfo(
+            input_kind=self.input_kind,
+            input_columns=list(self.input_columns),
+            raw_columns=list(self.raw_columns),
+            bins=self.bins,
+            shots=self.shots,
+            num_features=self.num_features,
+            feature_names=list(self.meta.get("feature_names", [])),
+            feature_mean=None if self.feature_mean is None else self.feature_mean.tolist(),
+            feature_std=None if self.feature_std is None else self.feature_std.tolist(),
+            encoder=self.meta.get("encoder"),
+            source=self.meta.get("source"),
+            target_offset=float(np.dot(counts, self.bins.centers) / max(counts.sum(), 1)),
+            target_scale=target_scale,
+            target_mean=self.target_mean,
+            target_std=self.target_std,
+        )
 
 
 # -- [4] the cache ----------------------------------------------------------------------------
