@@ -11,7 +11,7 @@ of tensor batches and the tests drive it that way:
         maybe_enter_stage_two(parts, state, epoch)        # RRT
         metrics = train_epoch(parts, state, epoch, batches)
         metrics.update(fds_end_of_epoch(parts, state, epoch, lambda: batches))
-        val, _ = evaluate(parts.core, val_batches, info, bins, shots, expected_rows=n, split="val")
+        val, _ = evaluate(parts.core, val_batches, info, expected_rows=n, split="val")
         metrics = record_epoch(parts, state, epoch, val, metrics)
         payload = checkpoint_payload(parts, state)
 
@@ -55,7 +55,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from raydir.bins import Bins, ShotRegions
 from raydir.config import Config
 from raydir.data.base import BIN, TARGET, ModelInfo
 from raydir.distributed import all_reduce_sum
@@ -381,15 +380,15 @@ def fds_end_of_epoch(parts: Parts, state: LoopState, epoch: int,
 
 
 # -- evaluation and bookkeeping ---------------------------------------------------------------
-def evaluate(model: nn.Module, batches: Iterable[dict], info: ModelInfo, bins: Bins, shots: ShotRegions,
-             *, expected_rows: int, split: str):
-    """Shot metrics of this rank's disjoint part of a split, merged across ranks; returns
-    ``(metrics, accumulator)``.
+def evaluate(model: nn.Module, batches: Iterable[dict], info: ModelInfo, *, expected_rows: int,
+             split: str):
+    """Shot metrics (``info``'s bins and shot regions) of this rank's disjoint part of a split,
+    merged across ranks; returns ``(metrics, accumulator)``.
 
     Every row is counted exactly once: the split was cut into one piece per worker without
     padding or dropping, and the merged count must equal ``expected_rows`` (the split size).
     """
-    acc = ShotMetricAccumulator(bins, shots, spearman=True)
+    acc = ShotMetricAccumulator(info.bins, info.shots, spearman=True)
     model.eval()
     with torch.no_grad():
         for batch in batches:

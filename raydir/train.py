@@ -60,11 +60,8 @@ def train_loop_per_worker(config: dict) -> None:
     _quiet_report_log()
     cfg = Config.from_dict(config["cfg"])
     info = ModelInfo.from_dict(config["model_info"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
-    bins, shots = info.bins, info.shots
-    sizes = config["sizes"]
 
     def wrap(core):  # [2] prepare model. FDS buffers are not broadcast by DDP: they are all-reduced.
         return ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"broadcast_buffers": False})
@@ -82,36 +79,48 @@ def train_loop_per_worker(config: dict) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")  # [1] shard
     val_shard = ray.train.get_dataset_shard(f"val_{rank}")
+
+    def eval_batches(shard):
+        return shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, device=device)
+
     for epoch in range(state.epoch + 1, cfg.total_epochs):
         start = time.perf_counter()
         loop.maybe_enter_stage_two(parts, state, epoch)
         metrics = loop.train_epoch(parts, state, epoch, _train_batches(train_shard, cfg, epoch, rank, device))
-        metrics.update(loop.fds_end_of_epoch(parts, state, epoch, lambda: train_shard.iter_torch_batches(
-            batch_size=cfg.train.eval_batch_size, device=device)))
-        val, _ = loop.evaluate(parts.core, val_shard.iter_torch_batches(
-            batch_size=cfg.train.eval_batch_size, device=device), info, bins, shots,
-            expected_rows=sizes["val"], split="val")
+        metrics.update(loop.fds_end_of_epoch(parts, state, epoch, lambda: eval_batches(train_shard)))
+        val, _ = loop.evaluate(parts.core, eval_batches(val_shard), info,
+                               expected_rows=config["sizes"]["val"], split="val")
         metrics["epoch_seconds"] = time.perf_counter() - start
         metrics = loop.record_epoch(parts, state, epoch, val, metrics)
         _report(loop.checkpoint_payload(parts, state) if rank == 0 else None, metrics, epoch)
-        if rank == 0:
-            print(f"[raydir] epoch {epoch:3d} stage {state.stage} loss {metrics['train_loss']:.4f} "
-                  f"val MAE {val['overall']['mae']:.4f} few MAE {val['few']['mae']:.4f} "
-                  f"({metrics['epoch_seconds']:.1f}s)", flush=True)
+        _progress(rank, metrics)
 
     # Final: the best checkpoint on test, merged across workers.
     parts.core.load_state_dict(state.best_model)
-    test, acc = loop.evaluate(parts.core, ray.train.get_dataset_shard(f"test_{rank}").iter_torch_batches(
-        batch_size=cfg.train.eval_batch_size, device=device), info, bins, shots,
-        expected_rows=sizes["test"], split="test")
-    final = loop.final_metrics(state, test)
-    if rank != 0:
-        ray.train.report(final)
+    test, acc = loop.evaluate(parts.core, eval_batches(ray.train.get_dataset_shard(f"test_{rank}")),
+                              info, expected_rows=config["sizes"]["test"], split="test")
+    _report_final(loop.final_payload(parts, state, test) if rank == 0 else None, acc,
+                  loop.final_metrics(state, test))
+
+
+def _progress(rank: int, m: dict) -> None:
+    if rank == 0:
+        print(f"[raydir] epoch {m['epoch']:3d} stage {m['stage']} loss {m['train_loss']:.4f} "
+              f"val MAE {m['val_mae']:.4f} few MAE {m['val_few_mae']:.4f} "
+              f"({m['epoch_seconds']:.1f}s)", flush=True)
+
+
+def _report_final(payload: dict | None, acc, metrics: dict) -> None:
+    """[4] report the test metrics; rank 0 attaches the final checkpoint and per-bin table."""
+    import ray.train
+
+    if payload is None:
+        ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        torch.save(loop.final_payload(parts, state, test), Path(d) / FINAL_FILE)
+        torch.save(payload, Path(d) / FINAL_FILE)
         pd.DataFrame(acc.per_bin_table()).to_csv(Path(d) / PER_BIN_FILE, index=False)
-        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d),
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name="final")
 
 

@@ -72,7 +72,6 @@ def build(cfg: Config, info: ModelInfo | None = None, **kw) -> loop.Parts:
 
 
 def run(parts: loop.Parts, state: loop.LoopState, epochs, batches, val=None) -> list[dict]:
-    bins, shots = parts.info.bins, parts.info.shots
     val = val or batches
     rows = sum(len(b[TARGET]) for b in val)
     out = []
@@ -80,8 +79,7 @@ def run(parts: loop.Parts, state: loop.LoopState, epochs, batches, val=None) -> 
         loop.maybe_enter_stage_two(parts, state, epoch)
         metrics = loop.train_epoch(parts, state, epoch, batches)
         metrics.update(loop.fds_end_of_epoch(parts, state, epoch, lambda: batches))
-        result, _ = loop.evaluate(parts.core, val, parts.info, bins, shots, expected_rows=rows,
-                                  split="val")
+        result, _ = loop.evaluate(parts.core, val, parts.info, expected_rows=rows, split="val")
         out.append(loop.record_epoch(parts, state, epoch, result, metrics))
     return out
 
@@ -188,15 +186,13 @@ def test_rrt_weights_are_used_in_stage_two():
 def test_evaluation_counts_every_row_and_refuses_a_wrong_total():
     parts = build(make_config())
     batches = make_batches(n=130, batch_size=40)  # 40 + 40 + 40 + 10
-    shots = parts.info.shots
-    result, acc = loop.evaluate(parts.core, batches, parts.info, BINS, shots, expected_rows=130,
-                                split="val")
+    result, acc = loop.evaluate(parts.core, batches, parts.info, expected_rows=130, split="val")
     assert acc.count == result["overall"]["count"] == 130
     pred = torch.cat([parts.core(b["features"])[0] for b in batches]).detach().numpy()
     target = np.concatenate([b[TARGET].numpy() for b in batches])
     assert math.isclose(result["overall"]["mae"], float(np.abs(pred - target).mean()), rel_tol=1e-6)
     with pytest.raises(RuntimeError, match="counted 130 rows but the split has 131"):
-        loop.evaluate(parts.core, batches, parts.info, BINS, shots, expected_rows=131, split="test")
+        loop.evaluate(parts.core, batches, parts.info, expected_rows=131, split="test")
 
 
 class _Views(Term):
@@ -306,7 +302,7 @@ def test_custom_shot_thresholds_reach_every_metric():
     shots = resolve_shots(cfg.shots, None, counts, BINS)
     info = make_info(shots=shots)
     parts = build(cfg, info)
-    result, _ = loop.evaluate(parts.core, batches, info, BINS, shots, expected_rows=400, split="val")
+    result, _ = loop.evaluate(parts.core, batches, info, expected_rows=400, split="val")
     pred = torch.cat([parts.core(b["features"])[0] for b in batches]).detach().numpy()
     region = np.where(counts > 45, "many", np.where(counts < 38, "few", "medium"))[BINS.index(y)]
     assert len(set(region)) == 3, np.unique(region, return_counts=True)  # the thresholds matter
@@ -332,7 +328,7 @@ def _fit_scaled(scale: float, target_scale: str, epochs: int = 12):
     parts, state = build(cfg, info), loop.LoopState()
     for epoch in range(epochs):
         loop.train_epoch(parts, state, epoch, train)
-    result, _ = loop.evaluate(parts.core, test, info, bins, info.shots, expected_rows=400, split="test")
+    result, _ = loop.evaluate(parts.core, test, info, expected_rows=400, split="test")
     with torch.no_grad():
         pred = torch.cat([parts.core(b["features"])[0] for b in test]).numpy()
     return result["overall"]["mae"], pred, np.concatenate([b[TARGET].numpy() for b in test]), parts
