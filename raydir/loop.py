@@ -168,8 +168,9 @@ def build_parts(cfg: Config, info: ModelInfo, *, bin_weights, train_counts=None,
     core = model.module if hasattr(model, "module") else model
     bins = info.bins
     counts = np.zeros(bins.num_bins, dtype=np.int64) if train_counts is None else np.asarray(train_counts)
-    objective = build_objective(cfg, ObjectiveContext(bins=bins, train_counts=counts,
-                                                      feature_dim=cfg.model.feature_dim))
+    objective = build_objective(cfg, ObjectiveContext(
+        bins=bins, train_counts=counts, feature_dim=cfg.model.feature_dim,
+        target_mean=float(core.target_mean), target_std=float(core.target_std)))
     objective.to(device)
     opt = make_optimizer(cfg, [{"params": list(core.parameters())}, *objective.param_groups()],
                          cfg.train.lr)
@@ -361,7 +362,7 @@ def fds_end_of_epoch(parts: Parts, state: LoopState, epoch: int,
     extra_pass``) features of ``extra_batches()`` under the epoch's final weights; then
     all-reduce, EMA and smooth (``fds.update``). Also the objective's end-of-epoch folding.
     Returns metrics to log."""
-    out = {f"train.{k}": v for k, v in parts.objective.end_epoch(epoch).items()}
+    out = dict(parts.objective.end_epoch(epoch))
     fds = _fds_of(parts, state)
     if fds is None or epoch < parts.cfg.fds.start_update:
         return out

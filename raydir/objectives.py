@@ -152,6 +152,11 @@ class ObjectiveContext:
     train_counts: Any                # numpy (num_bins,) training histogram
     feature_dim: int                 # encoder output size
     train_targets: Any = None        # numpy training labels (GAI's mixture), when available
+    # The standardisation the step applies to targets and predictions (0 and 1 without target
+    # scaling): a term fitted on labels in the user's units (GAI's mixture, BNI's bins) maps
+    # them with (y - target_mean) / target_std to the units it is called with.
+    target_mean: float = 0.0
+    target_std: float = 1.0
 
 
 # ``TERMS[section] = build(cfg, context) -> Term | None``; a builder returns None when its

@@ -370,3 +370,21 @@ def test_the_objective_sees_standardised_targets_and_predictions():
     pred, target = seen[0]
     np.testing.assert_allclose(target.numpy(), (y[:50] - y.mean()) / y.std(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(pred.numpy() * y.std() + y.mean(), user.numpy(), rtol=1e-5)
+
+
+def test_registered_terms_are_built_with_the_data_and_the_target_standardisation(monkeypatch):
+    from raydir.objectives import TERMS
+
+    got = {}
+
+    def build_spy(cfg, ctx):
+        got["ctx"] = ctx
+        return None  # section off: no term
+
+    monkeypatch.setitem(TERMS, "spy", build_spy)
+    info = make_info(target_scale="standard", target_mean=1234.5, target_std=67.0)
+    parts = build(make_config(), info)
+    ctx = got["ctx"]
+    assert (ctx.target_mean, ctx.target_std) == (1234.5, 67.0)
+    assert ctx.bins == BINS and ctx.feature_dim == 8 and ctx.train_counts.tolist() == [40] * 10
+    assert [t.name for t in parts.objective.terms] == ["task"]
