@@ -112,9 +112,9 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     name: str = "l1"                 # mse | l1 | huber | focal_l1 | focal_mse
-    huber_beta: float = 1.0          # huber transition point
+    huber_beta: float = 1.0          # huber transition point (in target stds when data.target_scale is standard)
     focal_activate: str = "sigmoid"  # focal-R activation: sigmoid | tanh
-    focal_beta: float = 0.2          # focal-R beta (0.2 ages; 4 on raw STS-B scores)
+    focal_beta: float = 0.2          # focal-R beta (0.2 ages; 4 on raw STS-B scores; per target std when scaled)
     focal_gamma: float = 1.0         # focal-R gamma
 
 
