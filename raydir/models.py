@@ -64,6 +64,14 @@ class DIRModel(nn.Module):
             return ModelOutput(pred, features, calibrated, scaled)
         return pred, features
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Weights saved before target scaling existed have no target_mean / target_std: they
+        # predicted in the user's units directly, which is what this model's own (unscaled)
+        # buffers say, so those are kept.
+        for name in ("target_mean", "target_std"):
+            state_dict.setdefault(prefix + name, getattr(self, name).detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def standardise(self, target: torch.Tensor) -> torch.Tensor:
         """A target in user units -> training units (exactly ``target`` without scaling)."""
         return (target - self.target_mean) / self.target_std

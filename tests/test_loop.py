@@ -388,3 +388,13 @@ def test_registered_terms_are_built_with_the_data_and_the_target_standardisation
     assert (ctx.target_mean, ctx.target_std) == (1234.5, 67.0)
     assert ctx.bins == BINS and ctx.feature_dim == 8 and ctx.train_counts.tolist() == [40] * 10
     assert [t.name for t in parts.objective.terms] == ["task"]
+
+
+def test_weights_saved_before_target_scaling_still_load():
+    parts = build(make_config())
+    old = {k: v for k, v in parts.core.state_dict().items() if not k.startswith("target_")}
+    again = build(make_config())
+    again.core.load_state_dict(old)  # strict: no missing-key error
+    x = make_batches(n=10, batch_size=10)[0]["features"]
+    assert torch.equal(again.core(x)[0], parts.core(x)[0])
+    assert (float(again.core.target_mean), float(again.core.target_std)) == (0.0, 1.0)
