@@ -5,7 +5,7 @@ any iterable of batches (dicts of tensors, as ``iter_torch_batches`` yields them
 columns plus ``target`` and ``bin``), so one epoch runs in-process at world size 1 on a list
 of tensor batches and the tests drive it that way:
 
-    parts = build_parts(cfg, info, bin_weights=w, train_counts=counts)
+    parts = build_parts(cfg, info, bin_weights=w, train_counts=counts)   # info: a ModelInfo
     state = LoopState()   # or restore(parts, payload)
     for epoch in range(cfg.total_epochs):
         maybe_enter_stage_two(parts, state, epoch)        # RRT
