@@ -81,7 +81,7 @@ def main() -> int:
     model_uri = args.model or train_tiny(tmp)
     uri = os.environ["MLFLOW_TRACKING_URI"]
     info = load_model_info(resolve_model(model_uri, uri))
-    columns = info["model_info"]["raw_columns"]
+    columns = info.raw_columns
 
     rng = np.random.default_rng(0)
     df = pd.DataFrame(rng.normal(size=(args.rows, len(columns))), columns=columns)

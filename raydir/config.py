@@ -21,6 +21,10 @@ from raydir.bins import FEW_THRESHOLD, MANY_THRESHOLD
 from raydir.kernels import KERNELS
 
 SOURCES = ("synthetic", "sts-b-dir", "agedb-dir", "imdb-wiki-dir", "table")
+TARGET_SCALES = ("auto", "standard", "none")
+# data.target_scale "auto": standardise targets of sources in arbitrary units (tables: prices,
+# counts...; the synthetic source); the benchmarks' ages and 0-5 scores train as they are.
+SCALED_BY_DEFAULT = ("table", "synthetic")
 
 
 @dataclass
@@ -72,6 +76,7 @@ class DataConfig:
     cache_dir: str = ".raydir_cache"  # prepared Parquet shards, keyed by a hash of this section; "" = no cache
     nan_policy: str = "error"        # NaN / inf targets: error | drop (count is logged)
     seed: int = 0                    # data generation / split seed
+    target_scale: str = "auto"       # model trains on (y - mean) / std: standard | none | auto (standard for table / synthetic)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     table: TableConfig = field(default_factory=TableConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -110,9 +115,9 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     name: str = "l1"                 # mse | l1 | huber | focal_l1 | focal_mse | bmc | gai | bni (Balanced MSE)
-    huber_beta: float = 1.0          # huber transition point
+    huber_beta: float = 1.0          # huber transition point (in target stds when data.target_scale is standard)
     focal_activate: str = "sigmoid"  # focal-R activation: sigmoid | tanh
-    focal_beta: float = 0.2          # focal-R beta (0.2 ages; 4 on raw STS-B scores)
+    focal_beta: float = 0.2          # focal-R beta (0.2 ages; 4 on raw STS-B scores; per target std when scaled)
     focal_gamma: float = 1.0         # focal-R gamma
     bmc_init_sigma: float = 1.0      # Balanced MSE: initial noise sigma, target units (ages: 10)
     bmc_sigma_lr: float = 1e-2       # Balanced MSE: sigma's own learning rate; 0 = fixed sigma
@@ -308,6 +313,13 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @property
+    def target_scale(self) -> str:
+        """``data.target_scale`` with ``auto`` resolved: ``standard`` or ``none``."""
+        if self.data.target_scale != "auto":
+            return self.data.target_scale
+        return "standard" if self.data.source in SCALED_BY_DEFAULT else "none"
+
+    @property
     def total_epochs(self) -> int:
         """Stage one's epochs plus RRT stage two's (the final test report's MLflow step)."""
         return self.train.epochs + (self.rrt.epochs if self.rrt.enabled else 0)
@@ -443,6 +455,7 @@ def _validate_data(d: "DataConfig") -> None:
     """The data section (Config.validate's first part)."""
     _choice("data.source", d.source, SOURCES)
     _choice("data.nan_policy", d.nan_policy, ("error", "drop"))
+    _choice("data.target_scale", d.target_scale, TARGET_SCALES)
     _choice("data.synthetic.distribution", d.synthetic.distribution, ("age", "long_tail", "bimodal"))
     _positive("data.synthetic.n_train", d.synthetic.n_train)
     _positive("data.synthetic.num_features", d.synthetic.num_features)

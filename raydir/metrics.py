@@ -485,3 +485,4 @@ class ShotMetricAccumulator:
     def per_bin_table(self) -> dict[str, np.ndarray]:
         """:func:`per_bin_table` of the reduced statistics of the last :meth:`compute`."""
         return per_bin_table(self._require_computed("per_bin_table"), self.bins, self.shots)
+

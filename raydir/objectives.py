@@ -39,8 +39,8 @@ from raydir.distributed import all_reduce_sum, world_size
 class StepInputs:
     """What one training step hands to every term (all on the model's device)."""
 
-    pred: Tensor                     # (n,) predictions of the main batch, target units
-    target: Tensor                   # (n,) float targets
+    pred: Tensor                     # (n,) predictions of the main batch, training units
+    target: Tensor                   # (n,) float targets, training units (see below)
     weight: Tensor                   # (n,) per-sample loss weights (mean about 1)
     bin_index: Tensor                # (n,) int64 bin of each target
     features: Tensor                 # (n, d) encoder output before FDS
@@ -48,8 +48,17 @@ class StepInputs:
     epoch: int                       # 0-based epoch
     step: int = 0                    # global step (seed for random choices shared by all ranks)
     # Augmented views of the same rows, when a term asks for them (``Term.views``): each a
-    # (pred, features) pair from one more forward pass of the model on a fresh augmentation.
+    # (pred, features) pair for a fresh augmentation. The step runs ONE forward pass on
+    # [main; view_1; ...] (DDP allows one forward before each backward) and splits it, so
+    # batch-statistics layers (batch norm) see all views together (raydir.loop.make_views).
     views: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    # Units. ``pred`` and ``target`` are in *training units*: with ``data.target_scale``
+    # standard, the standardised target ``(y - mean) / std`` (train mean / std), else the
+    # user's units. Parameters acting on the size of an error therefore act on standardised
+    # errors when scaling is on: ``loss.focal_beta`` (Focal-R's sigmoid(beta * |e|)) and
+    # ``loss.huber_beta`` (Huber's transition point) are in units of the target's std.
+    # ``weight``, ``bin_index`` and FDS (and the bins) stay in the user's units.
 
 
 class Term(nn.Module):
@@ -68,7 +77,11 @@ class Term(nn.Module):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups of this term's own parameters (default: one group with
-        the optimizer's learning rate; a term overrides this to set its own ``lr``)."""
+        the optimizer's learning rate; a term overrides this to set its own ``lr``).
+
+        A group named after the term may carry ``"fixed_lr": True``: the training loop's
+        learning-rate schedule then leaves that group at its own ``lr``
+        (:func:`raydir.loop.step_scheduler`)."""
         params = [p for p in self.parameters() if p.requires_grad]
         return [{"params": params, "name": self.name}] if params else []
 
@@ -139,6 +152,11 @@ class ObjectiveContext:
     train_counts: Any                # numpy (num_bins,) training histogram
     feature_dim: int                 # encoder output size
     train_targets: Any = None        # numpy training labels (GAI's mixture), when available
+    # The standardisation the step applies to targets and predictions (0 and 1 without target
+    # scaling): a term fitted on labels in the user's units (GAI's mixture, BNI's bins) maps
+    # them with (y - target_mean) / target_std to the units it is called with.
+    target_mean: float = 0.0
+    target_std: float = 1.0
 
 
 # ``TERMS[section] = build(cfg, context) -> Term | None``; a builder returns None when its

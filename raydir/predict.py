@@ -36,6 +36,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from raydir.data.base import ModelInfo
+
 PREDICTION = "prediction"
 
 
@@ -120,13 +122,14 @@ def resolve_model(model_uri: str, tracking_uri: str) -> ModelRef:
                     client.get_model_version_download_uri(name, mv.version))
 
 
-def load_model_info(ref: ModelRef) -> dict:
-    """The model's ``info`` artifact (config + model_info) without loading its weights."""
+def load_model_info(ref: ModelRef) -> ModelInfo:
+    """The model's :class:`~raydir.data.base.ModelInfo` (from its ``info`` artifact) without
+    loading its weights."""
     import mlflow.artifacts
 
     path = mlflow.artifacts.download_artifacts(
         artifact_uri=f"{ref.artifact_uri.rstrip('/')}/artifacts/info.json")
-    return json.loads(Path(path).read_text())
+    return ModelInfo.from_dict(json.loads(Path(path).read_text())["model_info"])
 
 
 # -- connections ----------------------------------------------------------------------------
@@ -209,14 +212,13 @@ class PyfuncPredictor:
         return batch
 
 
-def _needed_columns(info: dict, available: list[str]) -> list[str]:
+def _needed_columns(info: ModelInfo, available: list[str]) -> list[str]:
     from raydir.data.preprocess import check_raw_columns
 
-    mi = info["model_info"]
-    check_raw_columns(pd.DataFrame(columns=available), mi)  # [2] check, on the driver
-    if mi["input_kind"] == "image" and "path" in available:
+    check_raw_columns(pd.DataFrame(columns=available), info)  # [2] check, on the driver
+    if info.input_kind == "image" and "path" in available:
         return ["path"]
-    return list(mi["raw_columns"])
+    return list(info.raw_columns)
 
 
 def read_input(path: str):
@@ -327,7 +329,7 @@ class PreparedPredictor:
         python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
         self.net, self.info, self.cfg = python_model.model, python_model.info, python_model.cfg
         self.scale = self.shift = None
-        mean_m, std_m = self.info.get("feature_mean"), self.info.get("feature_std")
+        mean_m, std_m = self.info.feature_mean, self.info.feature_std
         if prep_mean is not None and mean_m is not None and \
                 (prep_mean != mean_m or prep_std != std_m):
             std_m = np.asarray(std_m, dtype=np.float64)
@@ -339,49 +341,38 @@ class PreparedPredictor:
         import torch
 
         from raydir.data.base import TARGET
-        from raydir.train import _inputs
+        from raydir.loop import model_inputs
 
         tensors = {}
-        for col in self.info["input_columns"]:
+        for col in self.info.input_columns:
             values = np.asarray(batch[col])
             if col == "features" and self.scale is not None:
                 values = values.astype(np.float32) * self.scale + self.shift
             tensors[col] = torch.from_numpy(np.ascontiguousarray(values))
         with torch.no_grad():
-            pred, _ = self.net(_inputs(tensors, self.info, None, train=False,
-                                       crop_padding=self.cfg.data.image.crop_padding))
+            pred, _ = self.net(model_inputs(tensors, self.info, None, train=False,
+                                             crop_padding=self.cfg.data.image.crop_padding))
         return {PREDICTION: pred.double().cpu().numpy().reshape(-1),
                 TARGET: np.asarray(batch[TARGET], dtype=np.float64)}
 
 
-def _check_compatible(info: dict, prepared, model_uri: str) -> None:
+def _check_compatible(mi: ModelInfo, prepared, model_uri: str) -> None:
     """The eval data must produce the inputs the model was trained on."""
-    mi = info["model_info"]
-    if mi["input_kind"] != prepared.input_kind:
+    if mi.input_kind != prepared.input_kind:
         raise ValueError(
-            f"model {model_uri} takes {mi['input_kind']!r} inputs but the config's data "
+            f"model {model_uri} takes {mi.input_kind!r} inputs but the config's data "
             f"(source {prepared.meta.get('source')!r}) gives {prepared.input_kind!r} inputs; "
             f"evaluate with a config whose data section matches the model's training data."
         )
-    if mi["input_kind"] == "features":
-        theirs, ours = mi.get("feature_names") or [], prepared.meta.get("feature_names") or []
-        if mi.get("num_features") != prepared.num_features or (theirs and ours and theirs != ours):
+    if mi.input_kind == "features":
+        theirs, ours = mi.feature_names or [], prepared.meta.get("feature_names") or []
+        if mi.num_features != prepared.num_features or (theirs and ours and theirs != ours):
             raise ValueError(
-                f"model {model_uri} was trained on {mi.get('num_features')} features {theirs[:8]}"
+                f"model {model_uri} was trained on {mi.num_features} features {theirs[:8]}"
                 f"{'...' if len(theirs) > 8 else ''} but the config's data gives "
                 f"{prepared.num_features} features {ours[:8]}{'...' if len(ours) > 8 else ''}; "
                 f"the feature columns (and categories) must match."
             )
-
-
-def _model_bins_and_shots(mi: dict):
-    from raydir.bins import Bins, ShotRegions
-
-    bins = Bins.from_dict(mi["bins"])
-    if mi.get("shot_region") is not None:
-        return bins, ShotRegions(np.asarray(mi["shot_region"], dtype=np.int8))
-    s = mi["shots"]
-    return bins, ShotRegions.from_lists(bins.num_bins, many=s["many"], medium=s["medium"], few=s["few"])
 
 
 def evaluate(model_uri: str, cfg, *, split: str = "test", num_actors: int = 1,
@@ -404,12 +395,11 @@ def evaluate(model_uri: str, cfg, *, split: str = "test", num_actors: int = 1,
     check_ray_address(os.environ.get("RAY_ADDRESS", ""))
     ref = resolve_model(model_uri, uri)                               # [1] resolve
     info = load_model_info(ref)
-    mi = info["model_info"]
     log(f"model {model_uri} -> {ref.resolved_uri} (run {ref.run_id}) from {uri}")
     connect_ray(num_actors)
     prepared = prepare(cfg, log=log)
     _check_compatible(info, prepared, model_uri)                      # [2] check
-    bins, shots = _model_bins_and_shots(mi)
+    bins, shots = info.bins, info.shots
     if bins.to_dict()["edges"] != prepared.bins.to_dict()["edges"]:
         log(f"the config's bins differ from the model's; targets are binned with the model's "
             f"{bins!r} and its shot regions")

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 
 
@@ -103,11 +104,12 @@ class RaydirModel(_PythonModel):
         import torch
 
         from raydir.config import Config
+        from raydir.data.base import ModelInfo
         from raydir.models import build_model
 
         info = json.loads(Path(context.artifacts["info"]).read_text())
         self.cfg = Config.from_dict(info["config"])
-        self.info = info["model_info"]
+        self.info = ModelInfo.from_dict(info["model_info"])
         self.model = build_model(self.cfg, self.info)
         state = torch.load(context.artifacts["state"], map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)
@@ -210,8 +212,9 @@ def log_data_artifacts(uri: str, run_id: str, cfg, prepared) -> None:
         client.log_metric(run_id, f"data_clipped_{split}", n)
 
 
-def finish_run(uri: str, run_id: str, cfg, prepared, info: dict, final: dict, per_bin_csv: str) -> dict:
-    """Final test metrics, per-bin table, plots, the pyfunc model and its registration."""
+def finish_run(uri: str, run_id: str, cfg, prepared, info, final: dict, per_bin_csv: str) -> dict:
+    """Final test metrics, per-bin table, plots, the pyfunc model and its registration
+    (``info``: the :class:`raydir.data.base.ModelInfo`, logged as JSON beside the weights)."""
     import tempfile
 
     import mlflow
@@ -242,7 +245,7 @@ def finish_run(uri: str, run_id: str, cfg, prepared, info: dict, final: dict, pe
             state_path = Path(d) / "state.pt"
             torch.save(final["model"], state_path)
             info_path = Path(d) / "info.json"
-            info_path.write_text(json.dumps({"config": cfg.to_dict(), "model_info": info}))
+            info_path.write_text(json.dumps({"config": cfg.to_dict(), "model_info": info.to_dict()}))
             from raydir.data.preprocess import raw_example
 
             example = raw_example(info)
@@ -257,7 +260,7 @@ def finish_run(uri: str, run_id: str, cfg, prepared, info: dict, final: dict, pe
                 name="model", python_model=RaydirModel(),
                 artifacts={"state": str(state_path), "info": str(info_path)},
                 signature=signature, input_example=example,
-                pip_requirements=model_requirements(info),
+                pip_requirements=model_requirements(info.input_kind),
                 registered_model_name=cfg.tracking.register_name or None,
             )
             if cfg.tracking.register_name:
@@ -275,12 +278,12 @@ _MODEL_PACKAGES = ("raydir", "mlflow", "cloudpickle", "torch", "numpy", "pandas"
                    "scipy", "pyyaml")
 
 
-def model_requirements(info: dict) -> list[str]:
+def model_requirements(input_kind: str) -> list[str]:
     """Pinned pip requirements of the logged model: the installed versions of what it imports
     (plus Pillow for image inputs)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    packages = list(_MODEL_PACKAGES) + (["pillow"] if info.get("input_kind") == "image" else [])
+    packages = list(_MODEL_PACKAGES) + (["pillow"] if input_kind == "image" else [])
     out = []
     for name in packages:
         try:

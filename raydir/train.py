@@ -9,25 +9,21 @@ rank holds what one process would compute on the whole training set.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-import random
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 import torch
 
-from raydir.bins import Bins, ShotRegions
+from raydir import loop
 from raydir.config import Config
-from raydir.data.base import BIN, TARGET
-from raydir.losses import get_loss
-from raydir.metrics import ShotMetricAccumulator
-from raydir.models import DIRModel, build_model
+from raydir.data.base import ModelInfo
 
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.pt"
@@ -35,82 +31,6 @@ PER_BIN_FILE = "per_bin_test.csv"
 
 
 # -- worker side ---------------------------------------------------------------------------
-def _loss_fn(cfg: Config) -> Callable:
-    c = cfg.loss
-    if c.name.startswith("focal"):
-        return get_loss(c.name, activate=c.focal_activate, beta=c.focal_beta, gamma=c.focal_gamma)
-    if c.name == "huber":
-        return get_loss("huber", beta=c.huber_beta)
-    return get_loss(c.name)
-
-
-def _optimizer(cfg: Config, params, lr: float) -> torch.optim.Optimizer:
-    t = cfg.train
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=t.sgd_momentum, weight_decay=t.weight_decay)
-    return torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay)
-
-
-def _scheduler(cfg: Config, opt: torch.optim.Optimizer, epochs: int):
-    t = cfg.train
-    if t.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
-    if t.schedule == "step":
-        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(t.step_epochs), gamma=0.1)
-    return None
-
-
-def _inputs(batch: dict, info: dict, generator: torch.Generator | None, train: bool,
-            crop_padding: int = 8):
-    kind = info["input_kind"]
-    if kind == "features":
-        return batch["features"].float()
-    if kind == "tokens":
-        return {c: batch[c] for c in info["input_columns"]}
-    from raydir.data.images import augment_batch
-
-    return augment_batch(batch["image"], generator, train=train, padding=crop_padding)
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-def evaluate(model: DIRModel, shard, info: dict, bins: Bins, shots: ShotRegions,
-             batch_size: int, device: torch.device, expected_rows: int, split: str):
-    """Shot metrics of this worker's disjoint part of a split, merged across workers.
-
-    Every row is counted exactly once: the split was cut into one piece per worker without
-    padding or dropping, and the merged count must equal the split size.
-    """
-    acc = ShotMetricAccumulator(bins, shots, spearman=True)
-    model.eval()
-    with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
-            pred, _ = model(_inputs(batch, info, None, train=False))
-            acc.update(pred, batch[TARGET])
-    result = acc.compute()  # [3] all-reduce metric sufficient statistics
-    if acc.count != expected_rows:
-        raise RuntimeError(
-            f"evaluation on '{split}' counted {acc.count} rows but the split has {expected_rows}: "
-            f"rows were dropped or duplicated across workers."
-        )
-    return result, acc
-
-
-def _select_value(result: dict, metric: str) -> float:
-    if metric == "few_mae":
-        value = result["few"]["mae"]
-        return value if not math.isnan(value) else result["overall"]["mae"]
-    return result["overall"][metric]
-
-
 def _quiet_report_log() -> None:
     """Ray Train logs every ``report`` with its whole metrics dict (about 60 metrics here) at
     INFO from each rank; the one-line progress of rank 0 says what matters. Warnings and
@@ -124,191 +44,95 @@ def _quiet_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def _train_batches(shard, cfg: Config, epoch: int, rank: int, device):
+    return shard.iter_torch_batches(
+        batch_size=cfg.train.batch_size, device=device,
+        local_shuffle_buffer_size=max(4 * cfg.train.batch_size, 1024),
+        local_shuffle_seed=cfg.train.seed * 100_003 + epoch * 101 + rank)
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker; depends only on its config (STYLE.md, rule 7)."""
+    """Runs on every Ray Train worker; depends only on its config (STYLE.md, rule 7). The
+    steps are :mod:`raydir.loop`'s; this function adds the shards, DDP and the reports."""
     import ray.train
     import ray.train.torch
-
-    from raydir.tracking import flatten_metrics
 
     _quiet_report_log()
     cfg = Config.from_dict(config["cfg"])
-    info = config["model_info"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    info = ModelInfo.from_dict(config["model_info"])
+    rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
-    bins = Bins.from_dict(info["bins"])
-    shots = ShotRegions(np.asarray(info["shot_region"], dtype=np.int8))
-    stage_one_weights = torch.tensor(config["bin_weights"], dtype=torch.float32, device=device)
-    rrt_weights = torch.tensor(config.get("rrt_bin_weights") or config["bin_weights"],
-                               dtype=torch.float32, device=device)
-    sizes = config["sizes"]
-    epochs1 = cfg.train.epochs
-    total = cfg.total_epochs
-    fault = config.get("_fault")  # tests: kill one worker once, mid-epoch
-    dump_dir = config.get("_dump_dir")  # tests: write FDS statistics of every rank
 
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    core = build_model(cfg, info)
-    # [2] prepare model. FDS buffers are not broadcast by DDP: they are all-reduced instead.
-    model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"broadcast_buffers": False})
-    core = model.module if hasattr(model, "module") else model
-    loss_fn = _loss_fn(cfg)
-    opt = _optimizer(cfg, core.parameters(), cfg.train.lr)
-    sched = _scheduler(cfg, opt, epochs1)
+    def wrap(core):  # [2] prepare model. FDS buffers are not broadcast by DDP: they are all-reduced.
+        return ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"broadcast_buffers": False})
 
-    state = {"epoch": -1, "best_value": math.inf, "best_epoch": -1, "best_model": None,
-             "history": [], "stage": 1}
+    parts = loop.build_parts(cfg, info, bin_weights=config["bin_weights"],
+                             train_counts=config.get("train_counts"),
+                             rrt_bin_weights=config.get("rrt_bin_weights"), device=device,
+                             rank=rank, wrap=wrap, callbacks=config.get("callbacks") or ())
+    state = loop.LoopState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resumed after a failure or by `raydir train --resume`
         with checkpoint.as_directory() as d:
-            saved = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
-        if saved["stage"] == 2:
-            model, opt = _enter_stage_two(core, cfg, saved["stage_one_best"])
-            sched = None
-        core.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        if sched is not None and saved.get("scheduler"):
-            sched.load_state_dict(saved["scheduler"])
-        _set_rng_state(saved["rng"])
-        state = {k: saved[k] for k in state}
-        state["stage_one_best"] = saved.get("stage_one_best")
-        if dump_dir and core.fds is not None:
-            torch.save(core.fds.statistics(),
-                       Path(dump_dir) / f"restored_rank{rank}_epoch{state['epoch']}.pt")
+            state = loop.restore(parts, torch.load(Path(d) / STATE_FILE, map_location=device,
+                                                   weights_only=False))
 
     train_shard = ray.train.get_dataset_shard("train")  # [1] shard
     val_shard = ray.train.get_dataset_shard(f"val_{rank}")
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
 
-    for epoch in range(state["epoch"] + 1, total):
+    def eval_batches(shard):
+        return shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, device=device)
+
+    for epoch in range(state.epoch + 1, cfg.total_epochs):
         start = time.perf_counter()
-        if epoch == epochs1 and state["stage"] == 1:  # RRT: stage two starts from stage one's best
-            state["stage_one_best"] = state["best_model"]
-            model, opt = _enter_stage_two(core, cfg, state["best_model"])
-            sched = None
-            state.update(stage=2, best_value=math.inf, best_epoch=-1, best_model=None)
-        stage_two = state["stage"] == 2
-        weights = rrt_weights if stage_two else stage_one_weights
-        fds = core.fds if (core.fds is not None and not stage_two) else None
-        inflight = fds is not None and cfg.fds.gather == "inflight" and epoch >= cfg.fds.start_update
-
-        model.train()
-        if stage_two:
-            core.encoder.eval()  # frozen encoder: no dropout, no batch-norm updates
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
-        for step, batch in enumerate(train_shard.iter_torch_batches(
-                batch_size=cfg.train.batch_size, device=device,
-                local_shuffle_buffer_size=max(4 * cfg.train.batch_size, 1024),
-                local_shuffle_seed=cfg.train.seed * 100_003 + epoch * 101 + rank)):
-            if fault and epoch == fault["epoch"] and rank == fault["rank"] and step == 1 \
-                    and not os.path.exists(fault["marker"]):
-                Path(fault["marker"]).write_text(f"killed at epoch {epoch}")
-                os._exit(1)  # injected worker death (tests only)
-            target, bin_index = batch[TARGET].float(), batch[BIN]
-            pred, features = model(_inputs(batch, info, gen, train=True,
-                                           crop_padding=cfg.data.image.crop_padding),
-                                   target, epoch, bin_index)
-            if inflight:
-                fds.accumulate(features.detach(), bin_index=bin_index)
-            loss = loss_fn(pred, target, weights[bin_index])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.train.grad_clip)
-            opt.step()
-            loss_sum += torch.stack([loss.detach().double() * len(target),
-                                     torch.tensor(float(len(target)), dtype=torch.float64, device=device)])
-        if sched is not None:
-            sched.step()
-
-        fds_info = {}
-        if fds is not None and epoch >= cfg.fds.start_update:
-            if not inflight:  # extra pass: features of the whole shard with the epoch's final weights
-                core.eval()
-                with torch.no_grad():
-                    for batch in train_shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size,
-                                                                device=device):
-                        _, features = core(_inputs(batch, info, None, train=False))
-                        fds.accumulate(features, bin_index=batch[BIN])
-            fds.update(epoch)  # [3] all-reduce FDS statistics, then EMA + smoothing
-            fds_info = {"fds_smoothing_l1": fds.smoothing_distance()}
-            if dump_dir:  # test hook: every rank's statistics after each update
-                torch.save(fds.statistics(), Path(dump_dir) / f"rank{rank}_epoch{epoch}.pt")
-                (Path(dump_dir) / f"rank{rank}_node.txt").write_text(ray.get_runtime_context().get_node_id())
-
-        from raydir.distributed import all_reduce_sum
-
-        all_reduce_sum(loss_sum)
-        val, _ = evaluate(core, val_shard, info, bins, shots, cfg.train.eval_batch_size, device,
-                          sizes["val"], "val")
-        value = _select_value(val, cfg.train.select_metric)
-        if value < state["best_value"]:
-            state.update(best_value=value, best_epoch=epoch,
-                         best_model={k: v.detach().cpu().clone() for k, v in core.state_dict().items()})
-        seconds = time.perf_counter() - start
-        metrics = {"epoch": epoch, "stage": state["stage"],
-                   "train_loss": float(loss_sum[0] / loss_sum[1].clamp_min(1)),
-                   "epoch_seconds": seconds, "best_epoch": state["best_epoch"],
-                   **flatten_metrics(val, "val"), **fds_info}
-        state["epoch"] = epoch
-        state["history"].append({k: v for k, v in metrics.items()})
-        _report(core, opt, sched, state, metrics, rank, epoch)
-        if rank == 0:
-            print(f"[raydir] epoch {epoch:3d} stage {state['stage']} loss {metrics['train_loss']:.4f} "
-                  f"val MAE {val['overall']['mae']:.4f} few MAE {val['few']['mae']:.4f} "
-                  f"({seconds:.1f}s)", flush=True)
+        loop.maybe_enter_stage_two(parts, state, epoch)
+        metrics = loop.train_epoch(parts, state, epoch, _train_batches(train_shard, cfg, epoch, rank, device))
+        metrics.update(loop.fds_end_of_epoch(parts, state, epoch, lambda: eval_batches(train_shard)))
+        val, _ = loop.evaluate(parts.core, eval_batches(val_shard), info,
+                               expected_rows=config["sizes"]["val"], split="val")
+        metrics["epoch_seconds"] = time.perf_counter() - start
+        metrics = loop.record_epoch(parts, state, epoch, val, metrics)
+        _report(loop.checkpoint_payload(parts, state) if rank == 0 else None, metrics, epoch)
+        _progress(rank, metrics)
 
     # Final: the best checkpoint on test, merged across workers.
-    core.load_state_dict(state["best_model"])
-    test_shard = ray.train.get_dataset_shard(f"test_{rank}")
-    test, acc = evaluate(core, test_shard, info, bins, shots, cfg.train.eval_batch_size, device,
-                         sizes["test"], "test")
-    # The validation metrics of the epoch whose weights were tested (what a sweep ranks by).
-    best_row = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), {})
-    final = {"final": 1, **flatten_metrics(test, "test"), "best_epoch": state["best_epoch"],
-             **{f"best_{k}": v for k, v in best_row.items() if k.startswith("val_")}}
+    parts.core.load_state_dict(state.best_model)
+    test, acc = loop.evaluate(parts.core, eval_batches(ray.train.get_dataset_shard(f"test_{rank}")),
+                              info, expected_rows=config["sizes"]["test"], split="test")
+    _report_final(loop.final_payload(parts, state, test) if rank == 0 else None, acc,
+                  loop.final_metrics(state, test))
+
+
+def _progress(rank: int, m: dict) -> None:
     if rank == 0:
-        with tempfile.TemporaryDirectory() as d:
-            torch.save({"model": state["best_model"], "test": test, "history": state["history"],
-                        "stage_one_best": state.get("stage_one_best"),
-                        "best_epoch": state["best_epoch"], "fds_stats": (
-                            {k: v.cpu() for k, v in core.fds.statistics().items()}
-                            if core.fds is not None else None)}, Path(d) / FINAL_FILE)
-            pd.DataFrame(acc.per_bin_table()).to_csv(Path(d) / PER_BIN_FILE, index=False)
-            ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d),
-                             checkpoint_dir_name="final")
-    else:
-        ray.train.report(final)
+        print(f"[raydir] epoch {m['epoch']:3d} stage {m['stage']} loss {m['train_loss']:.4f} "
+              f"val MAE {m['val_mae']:.4f} few MAE {m['val_few_mae']:.4f} "
+              f"({m['epoch_seconds']:.1f}s)", flush=True)
 
 
-def _enter_stage_two(core: DIRModel, cfg: Config, stage_one_best: dict):
-    """RRT: stage one's best weights, a fresh regressor, and a frozen encoder.
-
-    Returns the model re-wrapped for DDP (which registers only parameters that still need
-    gradients) and an optimizer over the regressor alone.
-    """
-    import ray.train.torch
-
-    core.load_state_dict(stage_one_best)
-    core.reset_head()
-    for name, p in core.named_parameters():
-        p.requires_grad_(name.startswith("head."))
-    model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"broadcast_buffers": False})
-    return model, _optimizer(cfg, [p for p in core.parameters() if p.requires_grad], cfg.rrt.lr)
-
-
-def _report(core, opt, sched, state: dict, metrics: dict, rank: int, epoch: int) -> None:
-    """[4] report: every rank reports the same metrics; rank 0 attaches the checkpoint."""
+def _report_final(payload: dict | None, acc, metrics: dict) -> None:
+    """[4] report the test metrics; rank 0 attaches the final checkpoint and per-bin table."""
     import ray.train
 
-    if rank != 0:
+    if payload is None:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        torch.save({"model": core.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict() if sched is not None else None,
-                    "rng": _rng_state(), **state}, Path(d) / STATE_FILE)
+        torch.save(payload, Path(d) / FINAL_FILE)
+        pd.DataFrame(acc.per_bin_table()).to_csv(Path(d) / PER_BIN_FILE, index=False)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name="final")
+
+
+def _report(payload: dict | None, metrics: dict, epoch: int) -> None:
+    """[4] report: every rank reports the same metrics; rank 0 attaches the checkpoint."""
+    import ray.train
+
+    if payload is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(payload, Path(d) / STATE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"epoch_{epoch:04d}")
 
@@ -356,11 +180,12 @@ def ensure_ray(num_cpus_needed: float = 0) -> None:
 
 
 def run_training(cfg: Config, *, resume: str | None = None, log: Callable[[str], Any] = print,
-                 _fault: dict | None = None, _dump_dir: str | None = None) -> dict:
+                 callbacks: list | None = None) -> dict:
     """Train one configuration end to end; returns the CLI's result dict.
 
     The MLflow tracking store is checked first, then Ray is started, the data prepared, the
     run created, the TorchTrainer fitted, and the best model tested, logged and registered.
+    ``callbacks``: :class:`raydir.loop.LoopCallback` objects every worker's loop calls.
     """
     from raydir import tracking
     from raydir.data.pipeline import prepare
@@ -370,7 +195,7 @@ def run_training(cfg: Config, *, resume: str | None = None, log: Callable[[str],
     t = cfg.train
     ensure_ray(t.num_workers * t.cpus_per_worker)
     prepared = prepare(cfg, log=log).train_in_memory(t.materialize, log=log)
-    info = model_info(cfg, prepared)
+    info = prepared.model_info(cfg.target_scale)
 
     run = tracking.start_run(uri, cfg, resume=resume, extra_params=derived_params(cfg, prepared))
     log(f"MLflow run {run.run_id} in experiment '{cfg.tracking.experiment}' at {uri}")
@@ -379,14 +204,14 @@ def run_training(cfg: Config, *, resume: str | None = None, log: Callable[[str],
     storage = t.storage_path or str(Path("~/ray_results").expanduser())
     trainer = build_trainer(cfg, prepared, info, tracking_uri=uri, run_id=run.run_id,
                             name=f"raydir-{run.run_id}", storage_path=storage,
-                            _fault=_fault, _dump_dir=_dump_dir)
+                            loop_callbacks=callbacks)
     out, _ = fit_and_finish(trainer, uri, run.run_id, cfg, prepared, info, log=log,
                             failure_hint=f"training failed; continue it from its last checkpoint "
                                          f"with `raydir train --config ... --resume {run.run_id}`")
     return out
 
 
-def fit_and_finish(trainer, uri: str, run_id: str, cfg: Config, prepared, info: dict, *,
+def fit_and_finish(trainer, uri: str, run_id: str, cfg: Config, prepared, info: ModelInfo, *,
                    failure_hint: str = "", log: Callable[[str], Any] = print) -> tuple[dict, dict]:
     """Fit; on any error mark the MLflow run FAILED (and say how to go on), else log the test
     results and the model. Returns the run's result dict and the final checkpoint's content."""
@@ -407,15 +232,6 @@ def fit_and_finish(trainer, uri: str, run_id: str, cfg: Config, prepared, info: 
     return out, final
 
 
-def model_info(cfg: Config, prepared) -> dict:
-    """The prepared data's model description plus what the worker needs beside it."""
-    info = prepared.model_info()
-    info["shot_region"] = prepared.shots.region.tolist()
-    info["target_mean"] = float(np.dot(prepared.train_counts, prepared.bins.centers)
-                                / max(prepared.train_counts.sum(), 1))
-    return info
-
-
 def derived_params(cfg: Config, prepared) -> dict:
     """MLflow params that are not config values."""
     return {"derived.fds_gather": cfg.fds.gather if cfg.fds.enabled else "off",
@@ -424,28 +240,34 @@ def derived_params(cfg: Config, prepared) -> dict:
             **prepared.resample_params()}  # resampled train size and per-shot rows, if any
 
 
-def build_trainer(cfg: Config, prepared, info: dict, *, tracking_uri: str, run_id: str, name: str,
-                  storage_path: str, callbacks: list | None = None, _fault: dict | None = None,
-                  _dump_dir: str | None = None):
+def rrt_bin_weights(cfg: Config, train_counts, log: Callable[[str], Any] = print):
+    """RRT stage two's per-bin weights: the reweight section (kernel, clipping) with the rrt
+    section's scheme and LDS switch, through the one weight function."""
+    from raydir.data.pipeline import compute_bin_weights
+
+    section = dataclasses.replace(cfg.reweight, scheme=cfg.rrt.scheme, lds=cfg.rrt.lds)
+    return compute_bin_weights(train_counts, section, log)
+
+
+def build_trainer(cfg: Config, prepared, info: ModelInfo, *, tracking_uri: str, run_id: str, name: str,
+                  storage_path: str, callbacks: list | None = None,
+                  loop_callbacks: list | None = None):
     """The ``TorchTrainer`` for one configuration (``raydir train`` and every Tune trial).
 
     ``prepared.bin_weights`` are the stage-one weights; a Tune trial passes a copy
     reweighted for its own reweight section. Re-using ``name`` under ``storage_path``
-    resumes from that run's last checkpoint.
+    resumes from that run's last checkpoint. ``callbacks`` are Ray Train run callbacks (on
+    the driver); ``loop_callbacks`` go to every worker's loop (:class:`raydir.loop.LoopCallback`).
     """
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raydir.lds import bin_weights
     from raydir.tracking import metrics_callback
 
     t = cfg.train
-    rrt_w = None
-    if cfg.rrt.enabled:
-        r = cfg.reweight
-        rrt_w = bin_weights(prepared.train_counts, reweight=cfg.rrt.scheme, lds=cfg.rrt.lds,
-                            kernel=r.kernel, ks=r.ks, sigma=r.sigma).tolist()
+    rrt_w = rrt_bin_weights(cfg, prepared.train_counts, log=lambda _m: None).tolist() \
+        if cfg.rrt.enabled else None
     # Evaluation splits are cut into one exact piece per worker (no padding, no drop); the
     # training split is streamed with Ray Train's equal split so every rank runs the same
     # number of DDP steps. The loop takes weights from the bin index, so the training split
@@ -461,9 +283,10 @@ def build_trainer(cfg: Config, prepared, info: dict, *, tracking_uri: str, run_i
         ds.context.enable_progress_bars = False  # workers print one line per epoch instead
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "model_info": info, "sizes": prepared.sizes,
+        train_loop_config={"cfg": cfg.to_dict(), "model_info": info.to_dict(), "sizes": prepared.sizes,
                            "bin_weights": prepared.bin_weights.tolist(), "rrt_bin_weights": rrt_w,
-                           "_fault": _fault, "_dump_dir": _dump_dir},
+                           "train_counts": prepared.train_counts.tolist(),
+                           "callbacks": list(loop_callbacks or [])},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage_path,

@@ -29,8 +29,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -252,7 +250,7 @@ def _child_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, sweep: 
     return run, False
 
 
-def _trial_fn(values: dict, *, base: dict, prepared, info: dict, uri: str, parent_run_id: str,
+def _trial_fn(values: dict, *, base: dict, prepared, info, uri: str, parent_run_id: str,
               sweep: str, train_storage: str) -> None:
     """One Tune trial: its config, child run, a TorchTrainer with its own workers, and the
     finished child run (test metrics, artifacts, the model when ``tune.log_models``)."""
@@ -293,30 +291,6 @@ def _fmt(v: Any) -> str:
 
 
 # -- driver side -----------------------------------------------------------------------------
-class _InterruptAfter:
-    """Test hook: deliver SIGUSR1 (what Ctrl+C does to Tune) after ``n`` trials complete.
-
-    Tune pickles its callbacks with the experiment and restores them on resume: a marker file
-    makes the interruption happen once per experiment.
-    """
-
-    def __new__(cls, n: int, marker: str):
-        from ray import tune
-
-        class _Cb(tune.Callback):
-            def __init__(self):
-                self.done = 0
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                self.done += 1
-                if self.done == n and not os.path.exists(marker):
-                    Path(marker).parent.mkdir(parents=True, exist_ok=True)
-                    Path(marker).write_text(f"interrupted after {n} trial(s)")
-                    os.kill(os.getpid(), signal.SIGUSR1)
-
-        return _Cb()
-
-
 def _searcher(cfg: Config, metric: str, mode: str, concurrency: int):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -375,8 +349,9 @@ def _parent_run(uri: str, cfg: Config, sweep: str, path: str, restoring: bool, l
 
 
 def run_sweep(cfg: Config, *, log: Callable[[str], Any] = print,
-              _interrupt_after: int | None = None) -> dict:
+              callbacks: list | None = None) -> dict:
     """Run (or resume) the sweep described by ``cfg.tune``; returns the result dict.
+    ``callbacks``: ``ray.tune.Callback`` objects for the Tuner (on the driver).
 
     Order: config values and the tracking store are checked, Ray started, the trial's
     resources checked against ``ray.cluster_resources()``, the data prepared once, the parent
@@ -388,7 +363,7 @@ def run_sweep(cfg: Config, *, log: Callable[[str], Any] = print,
 
     from raydir import tracking
     from raydir.data.pipeline import cache_key, prepare
-    from raydir.train import ensure_ray, model_info
+    from raydir.train import ensure_ray
 
     started = time.perf_counter()
     n_grid = check_trial_values(cfg)
@@ -403,7 +378,7 @@ def run_sweep(cfg: Config, *, log: Callable[[str], Any] = print,
     restoring = tune.Tuner.can_restore(path)
     # held in memory once for all trials (a trial's reweighted copy maps over the same blocks)
     prepared = prepare(cfg, log=log).train_in_memory(cfg.train.materialize, log=log)
-    info = model_info(cfg, prepared)
+    info = prepared.model_info(cfg.target_scale)
     parent = _parent_run(uri, cfg, sweep, path, restoring, log)
     if not restoring:
         tracking.log_data_artifacts(uri, parent.run_id, cfg, prepared)
@@ -416,8 +391,8 @@ def run_sweep(cfg: Config, *, log: Callable[[str], Any] = print,
                              parent_run_id=parent.run_id, sweep=sweep,
                              train_storage=f"{path}/train_runs"),
         {"CPU": TRIAL_DRIVER_CPU})
-    callbacks = [_InterruptAfter(_interrupt_after, f"{root}/.{sweep}.interrupted")] if _interrupt_after else []
-    run_config = tune.RunConfig(name=sweep, storage_path=root, callbacks=callbacks, verbose=1)
+    run_config = tune.RunConfig(name=sweep, storage_path=root, callbacks=list(callbacks or []),
+                                verbose=1)
     if restoring:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                    restart_errored=True)

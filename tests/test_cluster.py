@@ -309,11 +309,13 @@ DRIVER = textwrap.dedent("""
     from raydir.train import run_training
 
     raw, dump = json.loads(sys.argv[1]), sys.argv[2]
+    sys.path.insert(0, sys.argv[3])  # the tests folder: its hooks module
+    from hooks import DumpFDS
     ray.init()  # RAY_ADDRESS: the two-node cluster
     nodes = {n["NodeID"]: sorted(k for k in n["Resources"] if k.startswith("node_"))
              for n in ray.nodes() if n["Alive"]}
     json.dump(nodes, open(f"{dump}/nodes.json", "w"))
-    run_training(Config.from_dict(raw), _dump_dir=dump)
+    run_training(Config.from_dict(raw), callbacks=[DumpFDS(dump)])
 """)
 
 
@@ -344,7 +346,8 @@ def test_two_nodes_one_worker_each_same_fds_statistics(cluster):
             break
         time.sleep(2)
     assert probe.stdout.strip().endswith("2"), probe.stdout + probe.stderr
-    run = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(raw), str(dump)], env=env,
+    run = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(raw), str(dump),
+                          str(Path(__file__).parent)], env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 

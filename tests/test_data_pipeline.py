@@ -12,6 +12,7 @@ import pytest
 from raydir.bins import Bins
 from raydir.config import Config
 from raydir.data import synthetic
+from raydir.data.base import ModelInfo
 from raydir.data.pipeline import (BlockStats, cache_key, format_prepare_report, histogram, merge_moments,
                                   prepare, resolve_bins)
 from raydir.lds import lds_weights
@@ -213,6 +214,10 @@ def test_prepare_synthetic_end_to_end_and_cache(ray_session, tmp_path, monkeypat
     # train-only standardisation statistics = numpy on the same rows
     np.testing.assert_allclose(prepared.feature_mean, x.astype(np.float64).mean(0), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(prepared.feature_std, x.astype(np.float64).std(0), rtol=1e-6)
+    # train target mean / std (target scaling), merged from per-block moments = numpy
+    y32 = y.astype(np.float32).astype(np.float64)
+    assert prepared.target_mean == pytest.approx(y32.mean(), rel=1e-9)
+    assert prepared.target_std == pytest.approx(y32.std(), rel=1e-9)
 
     train = batch_of(prepared.datasets["train"])
     assert train["features"].dtype == np.float32 and train["features"].shape == (1500, 6)
@@ -245,10 +250,12 @@ def test_prepare_synthetic_end_to_end_and_cache(ray_session, tmp_path, monkeypat
     np.testing.assert_allclose(back.bin_weights, prepared.bin_weights)
 
     info = prepared.model_info()
-    json.dumps(info)
-    assert info["num_features"] == 6 and info["raw_columns"] == [f"x{i}" for i in range(6)]
-    assert info["encoder"]["columns"] == info["raw_columns"]
-    assert Bins.from_dict(info["bins"]) == bins
+    assert ModelInfo.from_dict(json.loads(json.dumps(info.to_dict()))).to_dict() == info.to_dict()
+    assert info.num_features == 6 and info.raw_columns == [f"x{i}" for i in range(6)]
+    assert info.encoder["columns"] == info.raw_columns
+    assert info.bins == bins and info.target_scale == "none"
+    scaled = prepared.model_info("standard")
+    assert (scaled.target_mean, scaled.target_std) == (again.target_mean, again.target_std)
 
     report = format_prepare_report(prepared)
     assert "split sizes: train 1,500, val 200, test 200" in report

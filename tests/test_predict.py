@@ -130,16 +130,15 @@ def test_unreachable_mlflow_and_ray_say_which_and_how(tmp_path, tracking_env, mo
 
 def _pyfunc_reference(registered, cfg: Config, split: str = "test") -> dict:
     """Shot metrics of pyfunc.predict on the split's RAW columns, regenerated independently."""
-    from raydir.bins import Bins, ShotRegions
     from raydir.data.synthetic import feature_names, make_synthetic
 
     mlflow.set_tracking_uri(registered["uri"])
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/1")
     mi = model.unwrap_python_model().info
-    bins = Bins.from_dict(mi["bins"])
+    bins = mi.bins
     x, y = make_synthetic(cfg.data.synthetic, cfg.data.seed, bins)[split]
     pred = model.predict(pd.DataFrame(x.astype(np.float64), columns=feature_names(cfg.data.synthetic)))
-    return shot_metrics(pred, y, bins=bins, shots=ShotRegions(np.asarray(mi["shot_region"], np.int8)))
+    return shot_metrics(pred, y, bins=bins, shots=mi.shots)
 
 
 def _assert_metrics_close(got: dict, want: dict) -> None:

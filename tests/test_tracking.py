@@ -30,8 +30,8 @@ def test_experiment_is_created_once_with_its_artifacts_beside_the_database(tmp_p
 
 
 def test_model_requirements_pin_the_installed_versions():
-    reqs = model_requirements({"input_kind": "features"})
+    reqs = model_requirements("features")
     assert f"torch=={version('torch')}" in reqs and f"mlflow=={version('mlflow')}" in reqs
     assert any(r.startswith("raydir==") for r in reqs)
     assert not any(r.startswith("pillow") for r in reqs)
-    assert f"pillow=={version('pillow')}" in model_requirements({"input_kind": "image"})
+    assert f"pillow=={version('pillow')}" in model_requirements("image")

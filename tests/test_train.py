@@ -17,6 +17,8 @@ import raydir
 from raydir.config import Config
 from raydir.train import run_training
 
+from hooks import DumpFDS, KillOnce
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
@@ -52,7 +54,7 @@ def test_fds_statistics_equal_across_ranks_and_one_worker(tmp_path, ray_session)
         cfg = small_config(tmp_path, fds={"enabled": True, "start_update": 0, "start_smooth": 1},
                            train={**fixed, "num_workers": workers},
                            tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "log_model": False})
-        run_training(cfg, _dump_dir=str(dump))
+        run_training(cfg, callbacks=[DumpFDS(str(dump))])
         results[workers] = dump
     last = 1
     two = [_stats(results[2] / f"rank{r}_epoch{last}.pt") for r in (0, 1)]
@@ -111,8 +113,8 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(tmp_path, ray_session):
     cfg = small_config(tmp_path, fds={"enabled": True},
                        train={"epochs": 3, "max_failures": 1},
                        tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "log_model": False})
-    result = run_training(cfg, _fault={"epoch": 2, "rank": 1, "marker": str(marker)},
-                          _dump_dir=str(dump))
+    result = run_training(cfg, callbacks=[KillOnce(epoch=2, rank=1, marker=str(marker)),
+                                          DumpFDS(str(dump))])
     assert marker.read_text() == "killed at epoch 2"
     # Both restarted workers restored the FDS buffers of the last registered checkpoint: epoch
     # 1's, or epoch 0's when the controller had not taken epoch 1's report before the kill
@@ -156,7 +158,7 @@ def test_interrupted_run_continues_with_resume(tmp_path, ray_session):
                        tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "log_model": False})
     logs: list[str] = []
     with pytest.raises(Exception):
-        run_training(cfg, log=logs.append, _fault={"epoch": 2, "rank": 0, "marker": str(marker)})
+        run_training(cfg, log=logs.append, callbacks=[KillOnce(epoch=2, rank=0, marker=str(marker))])
     hint = [m for m in logs if "--resume" in m]
     assert hint, logs
     run_id = hint[0].rsplit(" ", 1)[-1].rstrip("`")

@@ -20,6 +20,8 @@ from raydir.config import Config
 from raydir.tune import (SweepError, alias_decision, check_resources, check_trial_values,
                          metric_value, run_sweep, search_space)
 
+from hooks import InterruptAfter
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -220,7 +222,7 @@ def test_worse_second_sweep_does_not_move_champion(first_sweep):
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, ray_session, monkeypatch):
     cfg = small_config(tmp_path, space={"reweight.ks": {"grid": [3, 5]}},
                        tune={"max_concurrent_trials": 1, "log_models": False})
-    first = run_sweep(cfg, _interrupt_after=1)
+    first = run_sweep(cfg, callbacks=[InterruptAfter(1, str(tmp_path / "interrupted"))])
     assert first["interrupted"]
     done = [r for r in first["trials"] if r["status"] == "completed"]
     assert len(done) == 1

@@ -45,8 +45,8 @@ import numpy as np
 
 from raydir._checks import check_choice
 from raydir.bins import SHOTS, Bins, ShotRegions
-from raydir.data.base import (BIN, FEATURES, SPLITS, TARGET, WEIGHT, SourceData, check_resample_input,
-                              is_uri, local_path, resolve_bins)
+from raydir.data.base import (BIN, FEATURES, SPLITS, TARGET, WEIGHT, ModelInfo, SourceData,
+                              check_resample_input, is_uri, local_path, resolve_bins)
 
 CACHE_VERSION = 1  # bump when the layout or the meaning of the cached columns changes
 SOURCE_MODULES = {
@@ -127,6 +127,13 @@ class SplitStats:
     feature_mean: np.ndarray | None = None
     feature_m2: np.ndarray | None = None   # centred sum of squares per feature
     feature_nonfinite: np.ndarray | None = None  # int64 non-finite values per feature among those rows
+    target_count: int = 0          # finite targets entering the target moments
+    target_mean: float = 0.0
+    target_m2: float = 0.0         # centred sum of squares of the finite targets
+
+    @property
+    def target_std(self) -> float:
+        return float(np.sqrt(self.target_m2 / max(self.target_count, 1)))
 
     @property
     def outside(self) -> int:
@@ -180,6 +187,7 @@ class BlockStats:
             "above": np.array([int(above.sum())], dtype=np.int64),
             "outside_first": np.pad(outside.astype(np.float64), (0, FIRST - outside.size),
                                     constant_values=np.nan)[None],
+            **_target_moments(y),
         }
         if self.features is not None:
             x = np.asarray(batch[self.features], dtype=np.float64)
@@ -198,6 +206,13 @@ class BlockStats:
         return out
 
 
+def _target_moments(y: np.ndarray) -> dict[str, np.ndarray]:
+    y = y.astype(np.float64)
+    mean = float(y.mean()) if y.size else 0.0
+    return {"target_count": np.array([y.size], dtype=np.int64),
+            "target_mean": np.array([mean]), "target_m2": np.array([float(((y - mean) ** 2).sum())])}
+
+
 def split_stats(ds, bins: Bins, *, column: str = TARGET, features: str | None = None) -> SplitStats:
     """[2] One distributed pass over ``ds``: per-block statistics, summed on the driver."""
     rows = ds.map_batches(BlockStats(bins, column, features), batch_format="numpy",
@@ -214,6 +229,10 @@ def split_stats(ds, bins: Bins, *, column: str = TARGET, features: str | None = 
         stats.outside_first.extend(first[~np.isnan(first)].tolist())
         stats.low = min(stats.low, float(r["low"]))
         stats.high = max(stats.high, float(r["high"]))
+        n, mean, m2 = merge_moments(stats.target_count, np.float64(stats.target_mean),
+                                    np.float64(stats.target_m2), int(r["target_count"]),
+                                    np.float64(r["target_mean"]), np.float64(r["target_m2"]))
+        stats.target_count, stats.target_mean, stats.target_m2 = n, float(mean), float(m2)
         if features is not None:
             mean, m2 = np.asarray(r["feature_mean"]), np.asarray(r["feature_m2"])
             if stats.feature_mean is None:
@@ -354,6 +373,8 @@ class PreparedData:
     sizes: dict[str, int]              # rows per split (after the nan policy)
     split_counts: dict[str, np.ndarray]  # int64 rows per bin for every split
     meta: dict[str, Any] = field(default_factory=dict)  # source meta + cache_dir, key, dropped
+    target_mean: float = 0.0           # mean of the training targets (after resampling)
+    target_std: float = 1.0            # their std (population; 1 when constant)
     base_datasets: dict[str, Any] = field(default_factory=dict, repr=False)  # without weight
 
     @property
@@ -434,22 +455,29 @@ class PreparedData:
             out[f"resample.original_{shot}_rows"] = int(original[idx].sum())
         return out
 
-    def model_info(self) -> dict[str, Any]:
-        """JSON-safe description of the inputs for the model and its logged pyfunc:
-        raw columns -> encoder -> (x - mean) / std -> model."""
-        return {
-            "input_kind": self.input_kind,
-            "input_columns": list(self.input_columns),
-            "raw_columns": list(self.raw_columns),
-            "num_features": self.num_features,
-            "feature_names": list(self.meta.get("feature_names", [])),
-            "feature_mean": None if self.feature_mean is None else self.feature_mean.tolist(),
-            "feature_std": None if self.feature_std is None else self.feature_std.tolist(),
-            "encoder": self.meta.get("encoder"),
-            "bins": self.bins.to_dict(),
-            "shots": self.shots.to_dict(),
-            "source": self.meta.get("source"),
-        }
+    def model_info(self, target_scale: str = "none") -> ModelInfo:
+        """What the model and its logged pyfunc keep of the data: raw columns -> encoder ->
+        (x - mean) / std -> model, the bins and shot regions, and the target scaling
+        (``standard`` or ``none``, :attr:`raydir.config.Config.target_scale`)."""
+        check_choice("target_scale", target_scale, ("standard", "none"))
+        counts = self.train_counts
+        return ModelInfo(
+            input_kind=self.input_kind,
+            input_columns=list(self.input_columns),
+            raw_columns=list(self.raw_columns),
+            bins=self.bins,
+            shots=self.shots,
+            num_features=self.num_features,
+            feature_names=list(self.meta.get("feature_names", [])),
+            feature_mean=None if self.feature_mean is None else self.feature_mean.tolist(),
+            feature_std=None if self.feature_std is None else self.feature_std.tolist(),
+            encoder=self.meta.get("encoder"),
+            source=self.meta.get("source"),
+            target_offset=float(np.dot(counts, self.bins.centers) / max(counts.sum(), 1)),
+            target_scale=target_scale,
+            target_mean=self.target_mean,
+            target_std=self.target_std,
+        )
 
 
 # -- [4] the cache ----------------------------------------------------------------------------
@@ -470,11 +498,12 @@ def _fingerprint(path: str) -> Any:
 
 
 def cache_key(cfg) -> str:
-    """Hash of what determines the prepared splits: the data section (minus cache_dir and
-    the sub-sections of other sources; the encoder is part of the text section), the bins
+    """Hash of what determines the prepared splits: the data section (minus cache_dir,
+    target_scale (the model's business, not the splits') and the sub-sections of other sources; the encoder is part of the text section), the bins
     section, the resample section when it resamples, and the data files' size / mtime."""
     data = dataclasses.asdict(cfg.data)
-    keep = {k: v for k, v in data.items() if not isinstance(v, dict) and k != "cache_dir"}
+    keep = {k: v for k, v in data.items()
+            if not isinstance(v, dict) and k not in ("cache_dir", "target_scale")}
     section = SOURCE_SECTIONS.get(cfg.data.source)
     if section:
         keep[section] = data[section]
@@ -695,6 +724,8 @@ def _manifest(cfg, source: SourceData, bins: Bins, stats: dict[str, SplitStats],
         "default_shots": None if source.default_shots is None else source.default_shots.to_dict(),
         "feature_mean": None if mean is None else mean.tolist(),
         "feature_std": None if std is None else std.tolist(),
+        "target_mean": stats["train"].target_mean,
+        "target_std": stats["train"].target_std,
         "input_kind": source.input_kind,
         "input_columns": list(source.input_columns),
         "raw_columns": list(source.raw_columns),
@@ -742,6 +773,9 @@ def _assemble(cfg, manifest: dict, base: dict[str, Any], log: Callable, entry: P
     datasets = {s: base[s].map_batches(AddWeight(weights), batch_format="numpy") for s in SPLITS}
     mean = manifest.get("feature_mean")
     std = manifest.get("feature_std")
+    if manifest.get("target_std") is None:  # a cache written before target moments were kept
+        st = split_stats(base["train"], bins)
+        manifest = {**manifest, "target_mean": st.target_mean, "target_std": st.target_std}
     meta = dict(manifest.get("meta") or {})
     warnings = list(manifest.get("notes", [])) + shot_notes(shots, counts, cfg.shots)
     meta.update({"cache_dir": None if entry is None else str(entry),
@@ -760,6 +794,8 @@ def _assemble(cfg, manifest: dict, base: dict[str, Any], log: Callable, entry: P
         input_kind=manifest["input_kind"], input_columns=list(manifest["input_columns"]),
         raw_columns=list(manifest["raw_columns"]), sizes=dict(manifest["sizes"]),
         split_counts=counts, meta=meta, base_datasets=base,
+        target_mean=float(manifest["target_mean"]),
+        target_std=float(manifest["target_std"]) if manifest["target_std"] > 0 else 1.0,
     )
 
 
