@@ -58,6 +58,7 @@ from torch import nn
 from raydir.config import Config
 from raydir.data.base import BIN, TARGET, ModelInfo
 from raydir.distributed import all_reduce_sum
+from raydir.methods.denseweight import dense_weights_from_config
 from raydir.metrics import ShotMetricAccumulator, flatten_metrics
 from raydir.models import DIRModel, build_model
 from raydir.objectives import BinWeights, Objective, ObjectiveContext, StepInputs, build_objective
@@ -152,13 +153,15 @@ def step_scheduler(scheduler, optimizer: torch.optim.Optimizer) -> None:
 
 
 def build_parts(cfg: Config, info: ModelInfo, *, bin_weights, train_counts=None, rrt_bin_weights=None,
-                device: torch.device | str | None = None, rank: int = 0,
+                train_targets=None, device: torch.device | str | None = None, rank: int = 0,
                 wrap: Callable[[nn.Module], nn.Module] | None = None,
                 callbacks: Iterable = ()) -> Parts:
     """Seeded model (identical on every rank), objective, optimizer and scheduler.
 
     ``bin_weights`` / ``rrt_bin_weights`` are the per-bin weight vectors of stage one and
-    RRT stage two; ``wrap`` (default: move to ``device``) is where the worker puts DDP.
+    RRT stage two; ``train_targets`` the training labels (user units) for what is fitted on
+    them (GAI's mixture, DenseWeight's density; ``reweight.scheme: dense`` replaces the stage-one
+    bin weights); ``wrap`` (default: move to ``device``) is where the worker puts DDP.
     """
     device = torch.device(device or "cpu")
     wrap = wrap or (lambda m: m.to(device))
@@ -170,7 +173,7 @@ def build_parts(cfg: Config, info: ModelInfo, *, bin_weights, train_counts=None,
     counts = np.zeros(bins.num_bins, dtype=np.int64) if train_counts is None else np.asarray(train_counts)
     objective = build_objective(cfg, ObjectiveContext(
         bins=bins, train_counts=counts, feature_dim=cfg.model.feature_dim,
-        target_mean=float(core.target_mean), target_std=float(core.target_std)))
+        train_targets=train_targets, target_mean=float(core.target_mean), target_std=float(core.target_std)))
     objective.to(device)
     opt = make_optimizer(cfg, [{"params": list(core.parameters())}, *objective.param_groups()],
                          cfg.train.lr)
@@ -178,8 +181,10 @@ def build_parts(cfg: Config, info: ModelInfo, *, bin_weights, train_counts=None,
     def weights(w):
         return BinWeights(torch.as_tensor(np.asarray(w), dtype=torch.float32)).to(device)
 
+    stage_one = dense_weights_from_config(cfg, train_targets) if cfg.reweight.scheme == "dense" else None
     return Parts(cfg=cfg, info=info, core=core, model=model, objective=objective, optimizer=opt,
-                 scheduler=make_scheduler(cfg, opt, cfg.train.epochs), weights=weights(bin_weights),
+                 scheduler=make_scheduler(cfg, opt, cfg.train.epochs),
+                 weights=stage_one.to(device) if stage_one is not None else weights(bin_weights),
                  rrt_weights=weights(bin_weights if rrt_bin_weights is None else rrt_bin_weights),
                  device=device, generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + rank),
                  wrap=wrap, rank=rank, callbacks=list(callbacks))

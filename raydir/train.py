@@ -68,6 +68,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     parts = loop.build_parts(cfg, info, bin_weights=config["bin_weights"],
                              train_counts=config.get("train_counts"),
+                             train_targets=config.get("train_targets"),
                              rrt_bin_weights=config.get("rrt_bin_weights"), device=device,
                              rank=rank, wrap=wrap, callbacks=config.get("callbacks") or ())
     state = loop.LoopState()
@@ -249,6 +250,11 @@ def rrt_bin_weights(cfg: Config, train_counts, log: Callable[[str], Any] = print
     return compute_bin_weights(train_counts, section, log)
 
 
+def needs_train_targets(cfg: Config) -> bool:
+    """Whether the workers fit something on the training labels (GAI, DenseWeight)."""
+    return cfg.loss.name == "gai" or cfg.reweight.scheme == "dense"
+
+
 def build_trainer(cfg: Config, prepared, info: ModelInfo, *, tracking_uri: str, run_id: str, name: str,
                   storage_path: str, callbacks: list | None = None,
                   loop_callbacks: list | None = None):
@@ -286,6 +292,7 @@ def build_trainer(cfg: Config, prepared, info: ModelInfo, *, tracking_uri: str, 
         train_loop_config={"cfg": cfg.to_dict(), "model_info": info.to_dict(), "sizes": prepared.sizes,
                            "bin_weights": prepared.bin_weights.tolist(), "rrt_bin_weights": rrt_w,
                            "train_counts": prepared.train_counts.tolist(),
+                           "train_targets": prepared.train_targets() if needs_train_targets(cfg) else None,
                            "callbacks": list(loop_callbacks or [])},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),

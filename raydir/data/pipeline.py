@@ -85,6 +85,10 @@ def compute_bin_weights(train_counts: np.ndarray, reweight_cfg, log: Callable = 
     """Per-bin weights from :func:`raydir.lds.bin_weights` and the reweight section."""
     from raydir.lds import bin_weights
 
+    if reweight_cfg.scheme == "dense":
+        # DenseWeight weighs each row by its continuous target (raydir.methods.denseweight, in
+        # the training step); the bins carry no weight of their own.
+        return np.ones(len(train_counts), dtype=np.float64)
     clip = None
     if reweight_cfg.clip_min or reweight_cfg.clip_max:
         if reweight_cfg.scheme == "inverse":
@@ -405,6 +409,14 @@ class PreparedData:
         datasets = {s: ds.map_batches(AddWeight(weights), batch_format="numpy")
                     for s, ds in self.base_datasets.items()}
         return dataclasses.replace(self, datasets=datasets, bin_weights=weights)
+
+    def train_targets(self) -> np.ndarray:
+        """The training labels (float64, user units), for what is fitted on them: GAI's
+        Gaussian mixture and DenseWeight's density. One column only is collected."""
+        ds = self.base_datasets["train"].select_columns([TARGET])
+        parts = [np.asarray(b[TARGET], dtype=np.float64).reshape(-1)
+                 for b in ds.iter_batches(batch_size=65536, batch_format="numpy")]
+        return np.concatenate(parts) if parts else np.zeros(0)
 
     def train_in_memory(self, mode: str = "auto", *, fraction: float = MEMORY_FRACTION,
                         log: Callable = print) -> "PreparedData":

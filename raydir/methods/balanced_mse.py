@@ -190,14 +190,20 @@ def build(cfg, context: ObjectiveContext) -> Term | None:
     c = cfg.loss
     if c.name not in KINDS:
         return None
+    # The step works in training units ((y - mean) / std under data.target_scale standard):
+    # labels, bin centres and the noise scale, given in the user's units, are mapped there.
+    mean, std = context.target_mean, context.target_std
     mixture = None
     if c.name == "gai":
         if context.train_targets is None:
             raise ValueError("loss.name 'gai' fits a Gaussian mixture on the training labels, but "
                              "ObjectiveContext.train_targets is None; pass the training labels.")
-        pi, mu, var = fit_gmm(context.train_targets, c.gai_components, seed=cfg.train.seed)
+        targets = (np.asarray(context.train_targets, dtype=np.float64) - mean) / std
+        pi, mu, var = fit_gmm(targets, c.gai_components, seed=cfg.train.seed)
         mixture = {"pi": pi, "mu": mu, "var": var}
     elif c.name == "bni":
-        centers, weights = bni_buckets(context.train_counts, context.bins.centers)
+        centers = (np.asarray(context.bins.centers, dtype=np.float64) - mean) / std
+        centers, weights = bni_buckets(context.train_counts, centers)
         mixture = {"centers": centers, "bucket_weights": weights}
-    return BalancedMSE(c.name, init_sigma=c.bmc_init_sigma, sigma_lr=c.bmc_sigma_lr, mixture=mixture)
+    return BalancedMSE(c.name, init_sigma=c.bmc_init_sigma / std, sigma_lr=c.bmc_sigma_lr,
+                       mixture=mixture)

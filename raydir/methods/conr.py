@@ -38,6 +38,8 @@ Decisions on the reference code's quirks (REFERENCE.md section 3):
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -62,10 +64,14 @@ def conr_loss(z: Tensor, y: Tensor, p: Tensor, w: Tensor | None = None, *, omega
     label_d = (y[:, None] - y[None, :]).abs()
     pos = (label_d <= omega) & ~torch.eye(m, dtype=torch.bool, device=z.device)
     neg = (label_d > omega) & ((p[:, None] - p[None, :]).abs() <= omega)
-    coef = pos.to(z.dtype) + neg.to(z.dtype) * w[:, None] * torch.exp(eps * label_d)
+    # log of each column's coefficient: 0 for positives, log(w_i) + e * D_ij for negatives,
+    # -inf otherwise (kept in log space: exp(e * D) overflows float32 on wide label ranges)
+    log_coef = torch.where(neg, torch.log(w)[:, None] + eps * label_d,
+                           torch.full_like(s, -math.inf))
+    log_coef = torch.where(pos, torch.zeros_like(s), log_coef)
     n_pos = pos.sum(1)
     anchor = neg.any(1) & (n_pos > 0)
-    logits = torch.where(anchor[:, None], s + torch.log(coef), torch.zeros_like(s))
+    logits = torch.where(anchor[:, None], s + log_coef, torch.zeros_like(s))
     log_den = torch.logsumexp(logits, dim=1)
     if denominator == "reference":  # + one exp(0) per non-positive column
         log_den = torch.logaddexp(log_den, torch.log((m - n_pos).to(z.dtype)))
@@ -121,5 +127,8 @@ def build(cfg, context: ObjectiveContext) -> Term | None:
     c = cfg.conr
     if c.weight == 0:
         return None
-    return ConR(temperature=c.temperature, omega=c.omega, eps=c.eps, denominator=c.denominator,
-                weight=c.weight)
+    # omega and eps act on label distances given in the user's units; the step's targets and
+    # predictions are in training units ((y - mean) / std under data.target_scale standard).
+    std = context.target_std
+    return ConR(temperature=c.temperature, omega=c.omega / std, eps=c.eps * std,
+                denominator=c.denominator, weight=c.weight)
