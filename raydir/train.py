@@ -314,92 +314,83 @@ def _report(core, opt, sched, state: dict, metrics: dict, rank: int, epoch: int)
 
 
 # -- driver side ---------------------------------------------------------------------------
-# Ray Train's controller takes the workers' reports every 2 s by default, and a worker blocks
-# on its next report until the previous one is taken, so epochs shorter than that wait for the
-# poll. A local instance started by raydir polls more often.
-LOCAL_REPORT_POLL_S = "0.5"
+from raydir.runtime import ensure_ray, local_ray_environment  # noqa: E402,F401 - moved to runtime.py
 
 
-def local_ray_environment() -> None:
-    """Environment for a Ray instance about to be started in this process (its processes
-    inherit it), each unless already set:
-
-    * the report poll interval above;
-    * Parquet footer readers: Ray Data starts 32 actors (processes) for every Parquet read,
-      made for buckets of many files; on one machine a quarter of its cores is plenty (on 2
-      cores a read of the prepared-data cache takes 1.0 s instead of 2.1-3.4 s).
-    """
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_REPORT_POLL_S)
-    footer_actors = min(32, max(1, (os.cpu_count() or 1) // 4))
-    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(footer_actors))
-
-
-def ensure_ray(num_cpus_needed: float = 0) -> None:
-    """Connect to $RAY_ADDRESS / a running cluster, or start a local Ray (the embedded default).
-
-    A local instance gets at least as many logical CPUs as the workers reserve plus one, so
-    Ray Data ingest tasks can run beside the training workers on a 2-core laptop.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return
-    ncpu = max(os.cpu_count() or 1, int(math.ceil(num_cpus_needed)) + 1)
-    local_ray_environment()
-    # With the dashboard: Ray Train's placement-group cleaner asks its state API whether a
-    # controller is alive, and without it never frees the CPUs of a run whose controller was
-    # killed (a Tune trial that ASHA stops), which starves the next trials.
-    ray.init(num_cpus=ncpu, include_dashboard=True, log_to_driver=True)
-
-
-def run_training(cfg: Config, *, resume: str | None = None, log: Callable[[str], Any] = print,
+def run_training(cfg: Config, *, resume: str | None = None, allow_change=(),
+                 log: Callable[[str], Any] = print,
                  _fault: dict | None = None, _dump_dir: str | None = None) -> dict:
     """Train one configuration end to end; returns the CLI's result dict.
 
-    The MLflow tracking store is checked first, then Ray is started, the data prepared, the
-    run created, the TorchTrainer fitted, and the best model tested, logged and registered.
+    The MLflow tracking store, a resumed run (it exists, has not finished, has the same
+    config, has a checkpoint) and the Ray address are checked first, then Ray is started, the
+    data prepared, the run created, the TorchTrainer fitted, and the best model tested,
+    logged and registered.
     """
     from raydir import tracking
     from raydir.data.pipeline import prepare
+    from raydir.errors import UserError
+    from raydir.runtime import checkpointed_reports, connect_ray, storage_root, tracking_uri_checked
 
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    tracking.check_tracking_uri(uri)  # before any Ray or data work
+    uri = tracking_uri_checked(cfg.tracking.uri)  # before any Ray or data work
     t = cfg.train
-    ensure_ray(t.num_workers * t.cpus_per_worker)
+    storage = storage_root(t.storage_path)
+    if resume:
+        tracking.check_resume(uri, resume, cfg, allow_change)
+        reports = checkpointed_reports(f"{storage.rstrip('/')}/raydir-{resume}")
+        if not reports:
+            raise UserError(f"--resume {resume}: no checkpoint of this run under {storage} "
+                            f"(train.storage_path / RAYDIR_STORAGE); start a new run instead.")
+        last = int(reports[-1]["epoch"]) + 1
+        log(f"resuming run {resume} at epoch {last + 1}/{cfg.total_epochs} (checkpoint of epoch {last})")
+    connect_ray(t.num_workers * t.cpus_per_worker)
     prepared = prepare(cfg, log=log).train_in_memory(t.materialize, log=log)
     info = model_info(cfg, prepared)
 
     run = tracking.start_run(uri, cfg, resume=resume, extra_params=derived_params(cfg, prepared))
     log(f"MLflow run {run.run_id} in experiment '{cfg.tracking.experiment}' at {uri}")
-    tracking.log_data_artifacts(uri, run.run_id, cfg, prepared)
+    if not resume:
+        tracking.log_data_artifacts(uri, run.run_id, cfg, prepared)
 
-    storage = t.storage_path or str(Path("~/ray_results").expanduser())
     trainer = build_trainer(cfg, prepared, info, tracking_uri=uri, run_id=run.run_id,
                             name=f"raydir-{run.run_id}", storage_path=storage,
                             _fault=_fault, _dump_dir=_dump_dir)
     out, _ = fit_and_finish(trainer, uri, run.run_id, cfg, prepared, info, log=log,
-                            failure_hint=f"training failed; continue it from its last checkpoint "
-                                         f"with `raydir train --config ... --resume {run.run_id}`")
+                            experiment_path=f"{storage.rstrip('/')}/raydir-{run.run_id}",
+                            failure_hint=f"continue it from its last checkpoint with `raydir "
+                                         f"train --config ... --resume {run.run_id}`")
     return out
 
 
 def fit_and_finish(trainer, uri: str, run_id: str, cfg: Config, prepared, info: dict, *,
-                   failure_hint: str = "", log: Callable[[str], Any] = print) -> tuple[dict, dict]:
-    """Fit; on any error mark the MLflow run FAILED (and say how to go on), else log the test
-    results and the model. Returns the run's result dict and the final checkpoint's content."""
+                   failure_hint: str = "", experiment_path: str = "",
+                   log: Callable[[str], Any] = print) -> tuple[dict, dict]:
+    """Fit; on Ctrl-C mark the MLflow run KILLED, on any other error FAILED (and say how to go
+    on), else log the test results and the model. Returns the run's result dict and the final
+    checkpoint's content.
+
+    Every epoch that Ray Train checkpointed is in the run's history when it stops: the
+    controller logs each report as it registers it, and the reports registered but not yet
+    logged when an interrupt lands are logged from Ray Train's checkpoint record here.
+    """
     from raydir import tracking
+    from raydir.runtime import checkpointed_reports
 
     try:
         result = trainer.fit()
         if result.error:
             raise result.error
-    except BaseException:
-        tracking.end_run(uri, run_id, status="FAILED")
+    except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        if interrupted:
+            import ray
+
+            ray.shutdown()  # stops the controller: nothing logs behind the backfill below
+        if experiment_path:
+            tracking.log_missing_epochs(uri, run_id, checkpointed_reports(experiment_path))
+        tracking.end_run(uri, run_id, status="KILLED" if interrupted else "FAILED")
         if failure_hint:
-            log(failure_hint)
+            log(f"{'interrupted' if interrupted else 'training failed'}; {failure_hint}")
         raise
     final, per_bin = load_final(result.checkpoint)
     out = tracking.finish_run(uri, run_id, cfg, prepared, info, final, per_bin)
