@@ -139,13 +139,17 @@ def _needed_columns(info: dict, available: list[str]) -> list[str]:
     return list(mi["raw_columns"])
 
 
-def read_input(path: str):
-    from raydir.data.table import read_table
-
+def check_input_exists(path: str) -> None:
     local = "://" not in path or path.startswith("file://")
     if local and not Path(path.removeprefix("file://")).exists():
         raise FileNotFoundError(f"--input '{path}' does not exist (resolved to "
                                 f"'{Path(path.removeprefix('file://')).resolve()}').")
+
+
+def read_input(path: str):
+    from raydir.data.table import read_table
+
+    check_input_exists(path)
     return read_table(path)
 
 
@@ -200,9 +204,10 @@ def _write_single_file(ds, output: str, fmt: str) -> int:
     try:
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             if writer is None:
-                writer = (pq.ParquetWriter(tmp, table.schema) if fmt == "parquet"
-                          else pcsv.CSVWriter(tmp, table.schema))
-            writer.write_table(table.cast(writer.schema))
+                schema = table.schema
+                writer = (pq.ParquetWriter(tmp, schema) if fmt == "parquet"
+                          else pcsv.CSVWriter(tmp, schema))
+            writer.write_table(table.cast(schema))
             rows += table.num_rows
     finally:
         if writer is not None:
@@ -227,6 +232,7 @@ def predict(model_uri: str, input_path: str, output: str, *, batch_size: int = 1
     if num_actors < 1:
         raise UserError(f"--num-actors should be a positive integer; got {num_actors}.")
     layout, fmt = output_plan(output)
+    check_input_exists(input_path)
     check_ray_address()  # both services first, in seconds
     uri = tracking_uri_checked()
     ref = resolve_model(model_uri, uri)                               # [1] resolve
@@ -331,7 +337,7 @@ def evaluate(model_uri: str, cfg, *, split: str = "test", num_actors: int = 1,
                          compute=ray.data.ActorPoolStrategy(size=num_actors))  # [3] map
     acc = ShotMetricAccumulator(bins, shots, spearman=True)
     for batch in out.iter_batches(batch_format="numpy", batch_size=None):
-        acc.update(batch[PREDICTION], batch["target"])
+        acc.update(np.array(batch[PREDICTION]), np.array(batch["target"]))  # writable copies for torch
     result = acc.compute()
     if acc.count != prepared.sizes[split]:  # every row exactly once (STYLE.md, rule 9)
         raise RuntimeError(f"evaluation on '{split}' counted {acc.count} rows but the split has "

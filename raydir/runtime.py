@@ -44,12 +44,15 @@ def quiet_console(verbose: bool = False) -> None:
     will hang' warning always off (raised while training workers hold the CPUs, which the
     ingest was sized around)."""
     VERBOSE["on"] = verbose
-    logging.getLogger("ray.data").addFilter(_DropMessages("The Dataset job will hang"))
-    logging.getLogger("ray.data.dataset").addFilter(_DropMessages("The Dataset job will hang"))
+    # a logger's filters see only its own records: each emitting module's logger gets one
+    for name in ("ray.data.dataset", "ray.data._internal.progress"):
+        logging.getLogger(name).addFilter(_DropMessages("The Dataset job will hang",
+                                                        "Progress bars disabled"))
     if verbose:
         return
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow"):
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -136,7 +139,9 @@ def ensure_ray(num_cpus_needed: float = 0) -> None:
 
     if ray.is_initialized():
         return
-    kwargs = {"log_to_driver": True}
+    # The output of Ray's processes (workers, the Train controller, Ray Data's actors) reaches
+    # the console with --verbose only; raydir's driver prints the epoch lines itself.
+    kwargs = {"log_to_driver": VERBOSE["on"]}
     if not VERBOSE["on"]:
         kwargs["logging_level"] = logging.WARNING
     if os.environ.get("RAY_ADDRESS"):

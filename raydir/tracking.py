@@ -57,27 +57,76 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             )
 
 
-def epoch_line(values: dict, total: int, started: float, first_epoch: int) -> str:
-    """``epoch 3/20  ETA 0:41  train loss 5.1234  val MAE 6.0123  few MAE 9.8765``."""
+def epoch_line(epoch: int, total: int, values: dict, eta_s: float | None) -> str:
+    """``epoch 3/20  ETA 0:41  train loss 5.1234  val MAE 6.0123  few MAE 9.8765`` (1-based)."""
     import math
-    import time
 
-    epoch = int(values["epoch"]) + 1
-    done = epoch - 1 - first_epoch  # epochs timed since the first report
-    eta = "-:--"
-    if done > 0:
-        left = (time.monotonic() - started) / done * (total - epoch)
-        eta = f"{int(left // 60)}:{int(left % 60):02d}"
-    few = values.get("val_few_mae", math.nan)
-    return (f"epoch {epoch}/{total}  ETA {eta}  "
+    eta = "-:--" if eta_s is None else f"{int(eta_s // 60)}:{int(eta_s % 60):02d}"
+    return (f"epoch {epoch + 1}/{total}  ETA {eta}  "
             f"train loss {values.get('train_loss', math.nan):.4f}  "
-            f"val MAE {values.get('val_mae', math.nan):.4f}  few MAE {few:.4f}")
+            f"val MAE {values.get('val_mae', math.nan):.4f}  "
+            f"few MAE {values.get('val_few_mae', math.nan):.4f}")
+
+
+class EpochPrinter:
+    """One console line per epoch, printed by the driver as the epoch reaches the MLflow run
+    (a thread polls its history while ``trainer.fit`` blocks): the workers and the Ray Train
+    controller print nothing, so their processes' output can stay off the console."""
+
+    KEYS = ("train_loss", "val_mae", "val_few_mae")
+
+    def __init__(self, uri: str, run_id: str, total: int, log=print, interval_s: float = 1.0):
+        import threading
+
+        self.uri, self.run_id, self.total, self.log, self.interval_s = uri, run_id, total, log, interval_s
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="raydir-epochs")
+        self.printed: set[int] = set()
+        self.times: list[float] = []
+
+    def __enter__(self) -> "EpochPrinter":
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(self.uri)
+        self.printed = logged_steps(self.client, self.run_id)  # a resumed run's earlier epochs
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=5)
+        if exc[0] is None:
+            self.poll()
+
+    def _loop(self) -> None:
+        while not self.stop_event.wait(self.interval_s):
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - the console line is best effort; MLflow holds the data
+                pass
+
+    def poll(self) -> None:
+        import time
+
+        history = {k: {m.step: m.value for m in self.client.get_metric_history(self.run_id, k)}
+                   for k in self.KEYS}
+        for epoch in sorted(set(history["train_loss"]) - self.printed):
+            if epoch >= self.total:  # the final report's step
+                continue
+            self.times.append(time.monotonic())
+            eta = None
+            if len(self.times) > 1:
+                per_epoch = (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+                eta = per_epoch * (self.total - epoch - 1)
+            self.log(epoch_line(epoch, self.total, {k: history[k].get(epoch, float("nan"))
+                                                    for k in self.KEYS}, eta))
+            self.printed.add(epoch)
 
 
 def metrics_callback(tracking_uri: str, run_id: str, final_step: int):
     """A Ray Train ``UserCallback`` (it runs on the controller) that logs rank 0's metrics of
     every processed report into ``run_id``: epoch reports at step ``epoch``, the final test
-    report (``final`` in its metrics) at ``final_step``, and prints one line per epoch. NaN
+    report (``final`` in its metrics) at ``final_step``. NaN
     values (an empty shot region) are left out. A step already in the run (an epoch logged,
     then trained again after a restart from an earlier checkpoint) is not logged twice."""
     from ray.train import UserCallback
@@ -85,11 +134,8 @@ def metrics_callback(tracking_uri: str, run_id: str, final_step: int):
     class MetricsToMlflow(UserCallback):
         def __init__(self):
             self.logged = None
-            self.started = self.first_epoch = None
 
         def after_report(self, run_context, metrics, checkpoint):
-            import time
-
             from mlflow.tracking import MlflowClient
 
             values = dict(metrics[0])
@@ -97,9 +143,6 @@ def metrics_callback(tracking_uri: str, run_id: str, final_step: int):
             client = MlflowClient(tracking_uri)
             if self.logged is None:
                 self.logged = logged_steps(client, run_id)
-                self.started, self.first_epoch = time.monotonic(), step
-            if "final" not in values:
-                print(epoch_line(values, final_step, self.started, self.first_epoch), flush=True)
             if step not in self.logged:
                 log_step(client, run_id, values, step)
                 self.logged.add(step)
@@ -138,14 +181,18 @@ def flatten_metrics(result: dict[str, dict[str, float]], prefix: str) -> dict[st
 
 
 # -- driver-side run lifecycle ---------------------------------------------------------------
-def start_run(uri: str, cfg, *, resume: str | None = None, extra_params: dict | None = None):
-    """Create the run (params = the flattened resolved config), or reopen ``resume``."""
+def start_run(uri: str, cfg, *, resume: str | None = None, extra_params: dict | None = None,
+              changes: dict | None = None):
+    """Create the run (params = the flattened resolved config), or reopen ``resume`` (tagged
+    with the config ``changes`` allowed on resuming)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     if resume:
         run = get_run_or_refuse(client, uri, resume)
         client.update_run(resume, status="RUNNING")
+        for key, change in (changes or {}).items():
+            client.set_tag(resume, f"raydir.resumed_change.{key}", change)
         return run.info
     exp_id = experiment_id(client, uri, cfg.tracking.experiment)
     run = client.create_run(exp_id, run_name=cfg.tracking.run_name or None,
@@ -171,9 +218,10 @@ def get_run_or_refuse(client, uri: str, run_id: str):
         ) from None
 
 
-def check_resume(uri: str, run_id: str, cfg, allow_change=()) -> None:
+def check_resume(uri: str, run_id: str, cfg, allow_change=()) -> dict[str, str]:
     """Refuse, changing nothing, to resume a run that does not exist, has finished, belongs to
-    a sweep, or was logged with another config (except the keys in ``allow_change``)."""
+    a sweep, or was logged with another config (except the keys in ``allow_change``). Returns
+    the allowed changes, ``{key: "old -> new"}``, for :func:`start_run` to tag."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -199,9 +247,7 @@ def check_resume(uri: str, run_id: str, cfg, allow_change=()) -> None:
             f"{len(differ)} key(s): {shown}{', ...' if len(differ) > 6 else ''}; resume with the "
             f"run's config, or allow a change with --allow-change {differ[0]}."
         )
-    for key in allow_change:
-        if key in logged and logged[key] != ours[key]:
-            client.set_tag(run_id, f"raydir.resumed_change.{key}", f"{logged[key]} -> {ours[key]}")
+    return {k: f"{logged[k]} -> {ours[k]}" for k in allow_change if k in logged and logged[k] != ours[k]}
 
 
 def log_missing_epochs(uri: str, run_id: str, reports: list[dict]) -> int:
@@ -392,7 +438,11 @@ def register_version(uri: str, name: str, alias: str, run_id: str, *, value: flo
     else:
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-        version = int(mlflow.register_model(f"runs:/{run_id}/model", name).version)
+        import contextlib
+        import io
+
+        with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered ..."
+            version = int(mlflow.register_model(f"runs:/{run_id}/model", name).version)
     for key, tag in {"raydir.val_metric": metric, "raydir.val_value": repr(float(value)),
                      "raydir.val_data": data_key, **(tags or {})}.items():
         client.set_model_version_tag(name, str(version), key, tag)

@@ -335,8 +335,9 @@ def run_training(cfg: Config, *, resume: str | None = None, allow_change=(),
     uri = tracking_uri_checked(cfg.tracking.uri)  # before any Ray or data work
     t = cfg.train
     storage = storage_root(t.storage_path)
+    changes = {}
     if resume:
-        tracking.check_resume(uri, resume, cfg, allow_change)
+        changes = tracking.check_resume(uri, resume, cfg, allow_change)
         reports = checkpointed_reports(f"{storage.rstrip('/')}/raydir-{resume}")
         if not reports:
             raise UserError(f"--resume {resume}: no checkpoint of this run under {storage} "
@@ -347,7 +348,8 @@ def run_training(cfg: Config, *, resume: str | None = None, allow_change=(),
     prepared = prepare(cfg, log=log).train_in_memory(t.materialize, log=log)
     info = model_info(cfg, prepared)
 
-    run = tracking.start_run(uri, cfg, resume=resume, extra_params=derived_params(cfg, prepared))
+    run = tracking.start_run(uri, cfg, resume=resume, extra_params=derived_params(cfg, prepared),
+                             changes=changes)
     log(f"MLflow run {run.run_id} in experiment '{cfg.tracking.experiment}' at {uri}")
     if not resume:
         tracking.log_data_artifacts(uri, run.run_id, cfg, prepared)
@@ -356,18 +358,18 @@ def run_training(cfg: Config, *, resume: str | None = None, allow_change=(),
                             name=f"raydir-{run.run_id}", storage_path=storage,
                             _fault=_fault, _dump_dir=_dump_dir)
     out, _ = fit_and_finish(trainer, uri, run.run_id, cfg, prepared, info, log=log,
-                            experiment_path=f"{storage.rstrip('/')}/raydir-{run.run_id}",
+                            experiment_path=f"{storage.rstrip('/')}/raydir-{run.run_id}", progress=True,
                             failure_hint=f"continue it from its last checkpoint with `raydir "
                                          f"train --config ... --resume {run.run_id}`")
     return out
 
 
 def fit_and_finish(trainer, uri: str, run_id: str, cfg: Config, prepared, info: dict, *,
-                   failure_hint: str = "", experiment_path: str = "",
+                   failure_hint: str = "", experiment_path: str = "", progress: bool = False,
                    log: Callable[[str], Any] = print) -> tuple[dict, dict]:
     """Fit; on Ctrl-C mark the MLflow run KILLED, on any other error FAILED (and say how to go
     on), else log the test results and the model. Returns the run's result dict and the final
-    checkpoint's content.
+    checkpoint's content. ``progress``: print one line per epoch (``tracking.EpochPrinter``).
 
     Every epoch that Ray Train checkpointed is in the run's history when it stops: the
     controller logs each report as it registers it, and the reports registered but not yet
@@ -376,8 +378,13 @@ def fit_and_finish(trainer, uri: str, run_id: str, cfg: Config, prepared, info: 
     from raydir import tracking
     from raydir.runtime import checkpointed_reports
 
+    import contextlib
+
+    printer = (tracking.EpochPrinter(uri, run_id, cfg.total_epochs, log=log) if progress
+               else contextlib.nullcontext())
     try:
-        result = trainer.fit()
+        with printer:
+            result = trainer.fit()
         if result.error:
             raise result.error
     except BaseException as exc:
