@@ -130,6 +130,11 @@ def _run(args) -> int:
 
         return predict_main(args)
     cfg = Config.from_yaml(args.config, args.overrides)
+    from raydir.runtime import preflight
+
+    # services and a resumed run are checked before the heavy imports (torch, Ray: seconds)
+    preflight(cfg, mlflow=args.command != "prepare", resume=getattr(args, "resume", None),
+              allow_change=getattr(args, "allow_change", ()))
     if args.command == "prepare":
         from raydir.data.pipeline import format_prepare_report, prepare
         from raydir.runtime import connect_ray

@@ -77,6 +77,20 @@ def tracking_uri_checked(uri: str = "") -> str:
     return uri
 
 
+def preflight(cfg, *, mlflow: bool = True, resume: str | None = None, allow_change=()) -> dict:
+    """The checks of a command that need no Ray, no data and no torch, in seconds: the MLflow
+    store, a resumed run, the Ray address. Returns the resumed run's allowed config changes."""
+    changes = {}
+    if mlflow:
+        uri = tracking_uri_checked(cfg.tracking.uri)
+        if resume:
+            from raydir.tracking import check_resume
+
+            changes = check_resume(uri, resume, cfg, allow_change)
+    check_ray_address()
+    return changes
+
+
 # -- [2] Ray ----------------------------------------------------------------------------------
 def probe_tcp(address: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     """None when ``host:port`` accepts TCP connections (or is not host:port), else the error."""

@@ -330,14 +330,13 @@ def run_training(cfg: Config, *, resume: str | None = None, allow_change=(),
     from raydir import tracking
     from raydir.data.pipeline import prepare
     from raydir.errors import UserError
-    from raydir.runtime import checkpointed_reports, connect_ray, storage_root, tracking_uri_checked
+    from raydir.runtime import checkpointed_reports, connect_ray, preflight, storage_root, tracking_uri_checked
 
-    uri = tracking_uri_checked(cfg.tracking.uri)  # before any Ray or data work
+    changes = preflight(cfg, resume=resume, allow_change=allow_change)  # before any Ray or data work
+    uri = tracking_uri_checked(cfg.tracking.uri)
     t = cfg.train
     storage = storage_root(t.storage_path)
-    changes = {}
     if resume:
-        changes = tracking.check_resume(uri, resume, cfg, allow_change)
         reports = checkpointed_reports(f"{storage.rstrip('/')}/raydir-{resume}")
         if not reports:
             raise UserError(f"--resume {resume}: no checkpoint of this run under {storage} "
