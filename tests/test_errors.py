@@ -363,3 +363,108 @@ def test_unreachable_ray_address_fails_within_10_seconds(world, command):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("raydir: error: ") and f"RAY_ADDRESS=127.0.0.1:{DEAD_PORT}" in last
     assert "ray start --head" in last
+
+
+# -- with Ray: the README's sequence, resume after Ctrl-C ----------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_demo(tmp: Path, epochs: int = 2) -> Path:
+    """demo.yaml (it registers raydir-demo and moves @champion) on a small table."""
+    raw = {"base": str(REPO / "jobs/configs/demo.yaml"),
+           "data": {"cache_dir": str(tmp / "cache"),
+                    "synthetic": {"n_train": 400, "num_features": 4, "per_bin_eval": 3, "high": 30.0}},
+           "bins": {"stop": 30.0, "num_bins": 15},
+           "model": {"hidden": [8], "feature_dim": 4},
+           "train": {"num_workers": 1, "epochs": epochs, "batch_size": 64, "eval_batch_size": 64,
+                     "storage_path": str(tmp / "ray_results")}}
+    path = tmp / "tiny_demo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_readme_sequence_train_evaluate_predict_on_champion(tmp_path, ray_session, monkeypatch, capsys):
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = str(_tiny_demo(tmp_path))
+    assert main(["train", "--config", config, "--result-file", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "registered model: models:/raydir-demo/1 (@champion)" in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == ["1/2", "2/2"]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["model_uri"] == f"runs:/{result['run_id']}/model" and result["alias"] == "champion"
+
+    assert main(["evaluate", "--model", "models:/raydir-demo@champion", "--config", config]) == 0
+    assert "models:/raydir-demo/1 on test" in capsys.readouterr().out
+    rows = pd.DataFrame(np.random.default_rng(0).normal(size=(40, 4)), columns=[f"x{i}" for i in range(4)])
+    rows["x0"] = np.arange(40, dtype=np.int64)  # an integer column for a float feature
+    rows.to_parquet(tmp_path / "rows.parquet")
+    assert main(["predict", "--model", "models:/raydir-demo@champion", "--input",
+                 str(tmp_path / "rows.parquet"), "--output", str(tmp_path / "scored.csv")]) == 0
+    scored = pd.read_csv(tmp_path / "scored.csv")  # one CSV file, in input order
+    assert list(scored.columns) == [*rows.columns, "prediction"] and len(scored) == 40
+    np.testing.assert_array_equal(scored["x0"], np.arange(40))
+
+    # no model logged: the result file says so
+    assert main(["train", "--config", config, "--set", "tracking.log_model=false", "--set", "train.epochs=1",
+                 "--result-file", str(tmp_path / "r2.json")]) == 0
+    assert json.loads((tmp_path / "r2.json").read_text())["model_uri"] is None
+
+
+def _metric_steps(uri: str, run_id: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return [m.step for m in MlflowClient(uri).get_metric_history(run_id, "train_loss")]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ctrl_c_marks_killed_keeps_history_and_resumes_at_the_next_epoch(tmp_path):
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from raydir.runtime import checkpointed_reports
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    epochs = 40
+    config = str(_tiny_demo(tmp_path, epochs=epochs))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "raydir.cli", "train", "--config", config, "--set", "tracking.alias="]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(uri)
+    run_id, deadline = None, time.monotonic() + 240
+    while time.monotonic() < deadline:  # wait for the third epoch in MLflow
+        time.sleep(0.5)
+        if (tmp_path / "mlflow.db").exists():
+            runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+            if runs and len(_metric_steps(uri, runs[0].info.run_id)) >= 3:
+                run_id = runs[0].info.run_id
+                break
+    assert run_id, "training did not reach epoch 3"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert client.get_run(run_id).info.status == "KILLED"
+    steps = _metric_steps(uri, run_id)
+    reports = checkpointed_reports(str(tmp_path / "ray_results" / f"raydir-{run_id}"))
+    last = int(reports[-1]["epoch"])
+    assert sorted(steps) == list(range(max(steps) + 1))  # no gap, no duplicate
+    assert max(steps) >= last  # every checkpointed epoch is in the history
+    assert max(steps) < epochs - 1
+
+    resumed = subprocess.run([*cmd, "--resume", run_id], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming run {run_id} at epoch {last + 2}/{epochs}" in resumed.stdout
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert sorted(_metric_steps(uri, run_id)) == list(range(epochs))  # each epoch exactly once
