@@ -403,9 +403,7 @@ class Config:
             raise ValueError(f"'train.grad_clip' should be >= 0 (0 = off); got {self.train.grad_clip}.")
         if self.train.max_failures < -1:
             raise ValueError(f"'train.max_failures' should be >= -1 (-1 = unlimited); got {self.train.max_failures}.")
-        if self.tracking.alias and not self.tracking.alias.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"'tracking.alias' should be a name of letters, digits, '-' or '_' "
-                             f"(or empty); got {self.tracking.alias!r}.")
+        _validate_alias("tracking.alias", self.tracking.alias, allow_empty=True)
         _validate_tune(self.tune)
 
 
@@ -479,8 +477,15 @@ def _validate_tune(t: "TuneConfig") -> None:
         raise ValueError(f"'tune.reduction_factor' should be an integer >= 2; got {t.reduction_factor!r}.")
     if t.max_concurrent_trials < 0:
         raise ValueError(f"'tune.max_concurrent_trials' should be >= 0 (0 = as many as fit); got {t.max_concurrent_trials}.")
-    if not t.alias or not t.alias.replace("_", "").replace("-", "").isalnum():
-        raise ValueError(f"'tune.alias' should be a non-empty name of letters, digits, '-' or '_'; got {t.alias!r}.")
+    _validate_alias("tune.alias", t.alias, allow_empty=False)
+
+
+def _validate_alias(name: str, alias: str, *, allow_empty: bool) -> None:
+    if allow_empty and not alias:
+        return
+    if not alias or not alias.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"'{name}' should be a {'' if allow_empty else 'non-empty '}name of "
+                         f"letters, digits, '-' or '_'{' (or empty)' if allow_empty else ''}; got {alias!r}.")
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -23,12 +23,12 @@ class UserError(ValueError):
     """A mistake in what the user gave: the message names it, what was expected and the fix."""
 
 
-def _raised_by_raydir(exc: BaseException) -> bool:
+def _raised_by_raydir(exc: BaseException, remote_text: str = "") -> bool:
     tb, last = exc.__traceback__, None
     while tb is not None:
         last, tb = tb.tb_frame.f_code.co_filename, tb.tb_next
     if last is None:  # a traceback lost on its way back from a Ray process: see its text
-        text = getattr(exc, "traceback_str", "") or ""
+        text = getattr(exc, "traceback_str", "") or remote_text
         files = re.findall(r'File "([^"]+)"', text)
         return bool(files) and str(Path(files[-1]).resolve()).startswith(PACKAGE_DIR)
     return str(Path(last).resolve()).startswith(PACKAGE_DIR)
@@ -52,7 +52,8 @@ def _unwrap(exc: BaseException) -> BaseException:
 def user_message(exc: BaseException) -> str | None:
     """One line describing ``exc`` when it is a user mistake, else None."""
     inner = _unwrap(exc)
-    if isinstance(inner, UserError) or (isinstance(inner, USER_TYPES) and _raised_by_raydir(inner)):
+    remote = getattr(exc, "traceback_str", "") or ""  # Ray's text of the remote traceback
+    if isinstance(inner, UserError) or (isinstance(inner, USER_TYPES) and _raised_by_raydir(inner, remote)):
         text = str(inner) if not isinstance(inner, KeyError) else str(inner.args[0])
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if any(line.startswith("Traceback") for line in lines):  # Ray's text of a remote error

@@ -70,40 +70,17 @@ def epoch_line(epoch: int, total: int, values: dict, eta_s: float | None) -> str
 
 class EpochPrinter:
     """One console line per epoch, printed by the driver as the epoch reaches the MLflow run
-    (a thread polls its history while ``trainer.fit`` blocks): the workers and the Ray Train
-    controller print nothing, so their processes' output can stay off the console."""
+    (``poll`` reads its history): the workers and the Ray Train controller print nothing, so
+    their processes' output can stay off the console."""
 
     KEYS = ("train_loss", "val_mae", "val_few_mae")
 
-    def __init__(self, uri: str, run_id: str, total: int, log=print, interval_s: float = 1.0):
-        import threading
-
-        self.uri, self.run_id, self.total, self.log, self.interval_s = uri, run_id, total, log, interval_s
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True, name="raydir-epochs")
-        self.printed: set[int] = set()
-        self.times: list[float] = []
-
-    def __enter__(self) -> "EpochPrinter":
+    def __init__(self, uri: str, run_id: str, total: int, log=print):
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(self.uri)
-        self.printed = logged_steps(self.client, self.run_id)  # a resumed run's earlier epochs
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout=5)
-        if exc[0] is None:
-            self.poll()
-
-    def _loop(self) -> None:
-        while not self.stop_event.wait(self.interval_s):
-            try:
-                self.poll()
-            except Exception:  # noqa: BLE001 - the console line is best effort; MLflow holds the data
-                pass
+        self.client, self.run_id, self.total, self.log = MlflowClient(uri), run_id, total, log
+        self.printed = logged_steps(self.client, run_id)  # a resumed run's earlier epochs
+        self.times: list[float] = []
 
     def poll(self) -> None:
         import time

@@ -377,13 +377,9 @@ def fit_and_finish(trainer, uri: str, run_id: str, cfg: Config, prepared, info: 
     from raydir import tracking
     from raydir.runtime import checkpointed_reports
 
-    import contextlib
-
-    printer = (tracking.EpochPrinter(uri, run_id, cfg.total_epochs, log=log) if progress
-               else contextlib.nullcontext())
+    printer = tracking.EpochPrinter(uri, run_id, cfg.total_epochs, log=log) if progress else None
     try:
-        with printer:
-            result = trainer.fit()
+        result = _fit_in_thread(trainer, printer)
         if result.error:
             raise result.error
     except BaseException as exc:
@@ -402,6 +398,39 @@ def fit_and_finish(trainer, uri: str, run_id: str, cfg: Config, prepared, info: 
     out = tracking.finish_run(uri, run_id, cfg, prepared, info, final, per_bin)
     out["checkpoint_path"] = result.checkpoint.path
     return out, final
+
+
+def _fit_in_thread(trainer, printer=None):
+    """``trainer.fit()`` in a thread while this one waits, printing epoch lines.
+
+    Ctrl-C then reaches the waiting thread as KeyboardInterrupt (Ray Train turns SIGINT into
+    a graceful abort with ``sys.exit`` when ``fit`` runs in the main thread, which cannot be
+    told from other exits).
+    """
+    import threading
+
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="raydir-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=1.0)
+        if printer is not None:
+            try:
+                printer.poll()
+            except Exception:  # noqa: BLE001 - the console line is best effort; MLflow has the data
+                pass
+    if "error" in box:
+        raise box["error"]
+    if printer is not None:
+        printer.poll()
+    return box["result"]
 
 
 def model_info(cfg: Config, prepared) -> dict:
