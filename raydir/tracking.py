@@ -15,7 +15,6 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 from raydir.errors import UserError
 

@@ -314,7 +314,7 @@ def _report(core, opt, sched, state: dict, metrics: dict, rank: int, epoch: int)
 
 
 # -- driver side ---------------------------------------------------------------------------
-from raydir.runtime import ensure_ray, local_ray_environment  # noqa: E402,F401 - moved to runtime.py
+# Starting or joining Ray: raydir/runtime.py.
 
 
 def run_training(cfg: Config, *, resume: str | None = None, allow_change=(),
