@@ -92,7 +92,7 @@ def _write_result(path: str | None, result: dict) -> None:
         return
     reg = result["registered_model"]
     out = {"run_id": result["run_id"], "model_name": reg["name"], "model_version": reg["version"],
-           "model_uri": result["model_uri"], "alias": reg.get("alias"),
+           "model_uri": result["model_uri"], "alias": result.get("alias"),
            "test_metrics": result["test"]}
     Path(path).write_text(json.dumps(out, indent=2, default=float))
 
@@ -116,7 +116,7 @@ def _train(cfg, args) -> int:
     print(f"MLflow run: {result['run_id']}")
     r = result["registered_model"]
     if r["name"]:
-        alias = f" (@{r['alias']})" if r.get("alias") else ""
+        alias = f" (@{result['alias']})" if result.get("alias") else ""
         print(f"registered model: models:/{r['name']}/{r['version']}{alias}")
     _write_result(args.result_file, result)
     return 0
@@ -126,6 +126,9 @@ def _run(args) -> int:
     from raydir.config import Config
 
     if args.command == "predict":
+        from raydir.runtime import check_ray_address
+
+        check_ray_address()  # before the heavy imports (MLflow, torch: seconds)
         from raydir.predict import predict_main
 
         return predict_main(args)

@@ -312,15 +312,14 @@ def finish_run(uri: str, run_id: str, cfg, prepared, info: dict, final: dict, pe
     if not np_isnan(corr):
         client.log_metric(run_id, "test_error_density_pearson", corr)
 
-    registered = {"name": None, "version": None, "alias": None}
-    model_uri = None
+    registered, alias, model_uri = {"name": None, "version": None}, None, None
     if cfg.tracking.log_model:
         log_model(uri, run_id, cfg, info, final["model"])
         model_uri = f"runs:/{run_id}/model"
         if cfg.tracking.register_name:
-            registered = register_train_run(uri, cfg, run_id, final, prepared)
+            registered, alias = register_train_run(uri, cfg, run_id, final)
     client.set_terminated(run_id, status="FINISHED")
-    return {"run_id": run_id, "registered_model": registered, "model_uri": model_uri,
+    return {"run_id": run_id, "registered_model": registered, "alias": alias, "model_uri": model_uri,
             "test": test, "best_epoch": final.get("best_epoch")}
 
 
@@ -353,9 +352,10 @@ def log_model(uri: str, run_id: str, cfg, info: dict, state: dict) -> None:
                                 pip_requirements=model_requirements(info))
 
 
-def register_train_run(uri: str, cfg, run_id: str, final: dict, prepared) -> dict:
+def register_train_run(uri: str, cfg, run_id: str, final: dict) -> tuple[dict, str | None]:
     """Register the run's model as ``tracking.register_name``; move ``tracking.alias`` to it
-    by the rule a sweep uses (:func:`alias_decision`), scored on val ``train.select_metric``."""
+    by the rule a sweep uses (:func:`alias_decision`), scored on val ``train.select_metric``.
+    Returns the registered name / version and the alias when the version holds it."""
     from raydir.data.pipeline import cache_key
 
     metric = cfg.train.select_metric
@@ -364,8 +364,8 @@ def register_train_run(uri: str, cfg, run_id: str, final: dict, prepared) -> dic
     out = register_version(uri, cfg.tracking.register_name, cfg.tracking.alias, run_id,
                            value=value, metric=metric, data_key=cache_key(cfg), mode="min")
     print(f"registered models:/{out['name']}/{out['version']}; {out['message']}")
-    return {"name": out["name"], "version": out["version"],
-            "alias": cfg.tracking.alias if out["moved"] or out["holder"] == out["version"] else None}
+    holds = out["moved"] or out["holder"] == out["version"]
+    return {"name": out["name"], "version": out["version"]}, (cfg.tracking.alias if holds else None)
 
 
 # -- registry ---------------------------------------------------------------------------------
