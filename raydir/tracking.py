@@ -82,18 +82,17 @@ class EpochPrinter:
         self.times: list[float] = []
 
     def poll(self) -> None:
-        import time
-
-        history = {k: {m.step: m.value for m in self.client.get_metric_history(self.run_id, k)}
-                   for k in self.KEYS}
+        metrics = {k: self.client.get_metric_history(self.run_id, k) for k in self.KEYS}
+        history = {k: {m.step: m.value for m in ms} for k, ms in metrics.items()}
+        logged_at = {m.step: m.timestamp / 1000 for m in metrics["train_loss"]}
         for epoch in sorted(set(history["train_loss"]) - self.printed):
             if epoch >= self.total:  # the final report's step
                 continue
-            self.times.append(time.monotonic())
+            self.times.append(logged_at[epoch])  # when the controller logged it: the epoch's pace
             eta = None
             if len(self.times) > 1:
                 per_epoch = (self.times[-1] - self.times[0]) / (len(self.times) - 1)
-                eta = per_epoch * (self.total - epoch - 1)
+                eta = max(per_epoch, 0.0) * (self.total - epoch - 1)
             self.log(epoch_line(epoch, self.total, {k: history[k].get(epoch, float("nan"))
                                                     for k in self.KEYS}, eta))
             self.printed.add(epoch)

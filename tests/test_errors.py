@@ -468,3 +468,43 @@ def test_ctrl_c_marks_killed_keeps_history_and_resumes_at_the_next_epoch(tmp_pat
     assert f"resuming run {run_id} at epoch {last + 2}/{epochs}" in resumed.stdout
     assert client.get_run(run_id).info.status == "FINISHED"
     assert sorted(_metric_steps(uri, run_id)) == list(range(epochs))  # each epoch exactly once
+
+
+TABLE_CASES = [
+    ("table-missing-file", lambda d: {"path": str(d / "absent.csv")}, ["data.path", "does not exist"]),
+    ("table-target-missing", lambda d: {"path": str(d / "t.csv"), "table": {"target": "price"}},
+     ["['price']", "not found", "columns present"]),
+    ("table-target-text", lambda d: {"path": str(d / "t.csv"), "table": {"target": "city"}},
+     ["target column 'city'", "numeric"]),
+    ("table-feature-text", lambda d: {"path": str(d / "t.csv"), "table": {"features": ["a", "city"]}},
+     ["['city']", "onehot"]),
+    ("table-feature-is-target", lambda d: {"path": str(d / "t.csv"), "table": {"features": ["a", "y"]}},
+     ["includes the target column 'y'"]),
+    ("table-format-unknown", lambda d: {"path": str(d / "t.txt")}, ["t.txt"]),
+]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("data_of, words", [pytest.param(a, w, id=i) for i, a, w in TABLE_CASES])
+def test_table_mistakes_are_one_line(tmp_path, ray_session, data_of, words, capsys, monkeypatch):
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"a": rng.normal(size=60), "b": rng.normal(size=60),
+                       "city": rng.choice(["x", "y"], size=60), "y": rng.uniform(0, 10, size=60)})
+    df.to_csv(tmp_path / "t.csv", index=False)
+    (tmp_path / "t.txt").write_text(df.to_csv(index=False))
+    raw = {"data": {"source": "table", "cache_dir": "", **data_of(tmp_path)},
+           "bins": {"kind": "uniform", "start": 0.0, "stop": 10.0, "num_bins": 5}}
+    raw["data"].setdefault("table", {}).setdefault("target", "y")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["prepare", "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("raydir: error: ")
+    for word in words:
+        assert word in last, (word, last)
