@@ -10,9 +10,11 @@ artifact (config + model_info) to check the inputs before any actor starts.
   [2] check     the input's schema (Parquet footer / CSV header) against the raw columns the
                 model needs;
   [3] map       ``map_batches`` over an actor pool: each actor loads the pyfunc model once
-                (``mlflow.pyfunc.load_model``) and predicts batch after batch;
-  [4] write     predict: input columns + ``prediction`` to Parquet; evaluate: per-bin sums
-                of the errors, counted row by row, logged as a new MLflow run.
+                (``mlflow.pyfunc.load_model``) and predicts batch after batch (``raydir.serve``);
+  [4] write     predict: input columns + ``prediction``, the format by the output's name
+                (``output_plan``: one .parquet / .csv file, or shards in a folder / s3://
+                prefix; checked before scoring); evaluate: per-bin sums of the errors, counted
+                row by row, logged as a new MLflow run.
 
 Evaluation feeds the prepared split's model inputs to the model's network rather than raw
 columns: the pipeline keeps the encoded inputs (``features`` standardised with the EVAL

@@ -1,10 +1,12 @@
-"""MLflow: tracking URI, run setup, the per-report metrics callback, and the logged model.
+"""MLflow: tracking URI, runs (create, resume checks, finish), the per-report metrics
+callback, the driver's epoch lines, and the registry (registration, alias decisions).
 
 The driver owns the run: it creates (or reopens) it, logs params and the final artifacts and
 model. Per-epoch metrics are logged by a callback on the Ray Train controller, for each report
 it has processed, which is also when the report's checkpoint is registered. A report still in
 flight when a worker dies is lost with its checkpoint; the epoch is trained again after the
-restart and logged then, so every epoch is logged once.
+restart and logged then, so every epoch is logged once (the callback skips a step the run
+already holds). The served model itself is in ``raydir.serve``.
 """
 
 from __future__ import annotations
