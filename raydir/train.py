@@ -330,7 +330,8 @@ def run_training(cfg: Config, *, resume: str | None = None, allow_change=(),
     from raydir import tracking
     from raydir.data.pipeline import prepare
     from raydir.errors import UserError
-    from raydir.runtime import checkpointed_reports, connect_ray, preflight, storage_root, tracking_uri_checked
+    from raydir.runtime import (checkpointed_reports, connect_ray, preflight, storage_root,
+                                tracking_uri_checked)
 
     changes = preflight(cfg, resume=resume, allow_change=allow_change)  # before any Ray or data work
     uri = tracking_uri_checked(cfg.tracking.uri)
@@ -357,7 +358,8 @@ def run_training(cfg: Config, *, resume: str | None = None, allow_change=(),
                             name=f"raydir-{run.run_id}", storage_path=storage,
                             _fault=_fault, _dump_dir=_dump_dir)
     out, _ = fit_and_finish(trainer, uri, run.run_id, cfg, prepared, info, log=log,
-                            experiment_path=f"{storage.rstrip('/')}/raydir-{run.run_id}", progress=True,
+                            experiment_path=f"{storage.rstrip('/')}/raydir-{run.run_id}",
+                            progress=True,
                             failure_hint=f"continue it from its last checkpoint with `raydir "
                                          f"train --config ... --resume {run.run_id}`")
     return out
