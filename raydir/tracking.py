@@ -233,10 +233,10 @@ def log_missing_epochs(uri: str, run_id: str, reports: list[dict]) -> int:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
-    have = logged_steps(client, run_id)
+    have = retry_locked(logged_steps, client, run_id)
     missing = [r for r in reports if "epoch" in r and "final" not in r and int(r["epoch"]) not in have]
     for r in missing:
-        log_step(client, run_id, r, int(r["epoch"]))
+        retry_locked(log_step, client, run_id, r, int(r["epoch"]))
     return len(missing)
 
 
@@ -268,10 +268,24 @@ def experiment_id(client, uri: str, name: str) -> str:
         return exp.experiment_id
 
 
+def retry_locked(fn, *args, attempts: int = 30, **kwargs):
+    """``fn(*args, **kwargs)``, tried again while a SQLite store says "database is locked" (a
+    writer that was stopped mid-transaction, or a busy machine), up to ``attempts`` seconds."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - only the lock is retried
+            if "database is locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(1.0)
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(uri).set_terminated(run_id, status=status)
+    retry_locked(MlflowClient(uri).set_terminated, run_id, status=status)
 
 
 def log_data_artifacts(uri: str, run_id: str, cfg, prepared) -> None:

@@ -443,7 +443,7 @@ def test_ctrl_c_marks_killed_keeps_history_and_resumes_at_the_next_epoch(tmp_pat
     client = MlflowClient(uri)
     run_id, deadline = None, time.monotonic() + 240
     while time.monotonic() < deadline:  # wait for the third epoch in MLflow
-        time.sleep(0.5)
+        time.sleep(2.0)
         if (tmp_path / "mlflow.db").exists():
             runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
             if runs and len(_metric_steps(uri, runs[0].info.run_id)) >= 3:
