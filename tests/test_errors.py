@@ -262,7 +262,7 @@ def test_user_mistake_is_one_line_exit_2_and_changes_nothing(world, argv_of, wor
     for word in words:
         assert word in last, (word, last)
     assert _state(world["uri"]) == before
-    assert seconds < 10, seconds
+    assert seconds < 30, seconds  # no Ray, no data: seconds (a margin for a loaded machine)
     assert ray.is_initialized() == ray_was_up  # refused before Ray starts
 
 
