@@ -1,5 +1,5 @@
 """Reading a Parquet folder through Ray Data with its default 32 footer-reader actors against
-the number ``raydir.train.local_ray_environment`` sets for a local Ray (a quarter of the cores).
+the number ``raydir.runtime.local_ray_environment`` sets for a local Ray (a quarter of the cores).
 
 Each setting runs in its own process (the variable must be set before Ray starts), the two
 alternate for ``--rounds`` rounds, and each process times ``--reads`` reads of the same folder
@@ -54,7 +54,7 @@ def main() -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raydir.train import local_ray_environment
+    from raydir.runtime import local_ray_environment
 
     env = {k: v for k, v in os.environ.items() if k != VARIABLE}
     saved = os.environ.pop(VARIABLE, None)

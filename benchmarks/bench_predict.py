@@ -69,7 +69,7 @@ def main() -> int:
     import ray
 
     from raydir.predict import load_model_info, predict, resolve_model
-    from raydir.train import local_ray_environment
+    from raydir.runtime import local_ray_environment
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-predict-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")

@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from raydir.train import local_ray_environment, run_training
+    from raydir.runtime import local_ray_environment
+    from raydir.train import run_training
 
     load_before = os.getloadavg()
     compute = compute_only(args)

@@ -70,7 +70,8 @@ def main() -> None:
     import ray
 
     from raydir.config import Config
-    from raydir.train import local_ray_environment, run_training
+    from raydir.runtime import local_ray_environment
+    from raydir.train import run_training
     from raydir.tune import run_sweep
 
     local_ray_environment()  # as `raydir train` does for the local Ray it starts

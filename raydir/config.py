@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -227,6 +229,7 @@ class TrackingConfig:
     experiment: str = "raydir"       # MLflow experiment name
     run_name: str = ""               # MLflow run name; empty = generated
     register_name: str = ""          # registered model name; empty = do not register
+    alias: str = ""                  # registry alias `raydir train` moves to its version when it beats the holder; empty = none
     log_model: bool = True           # log the trained model (raw inputs in, target units out)
 
 
@@ -299,8 +302,7 @@ class Config:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "Config":
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file '{path}' does not exist.")
+        _check_config_file(path)
         raw = load_yaml_with_base(path)
         for item in overrides or []:
             apply_override(raw, item)
@@ -422,6 +424,7 @@ class Config:
             raise ValueError(f"'train.grad_clip' should be >= 0 (0 = off); got {self.train.grad_clip}.")
         if self.train.max_failures < -1:
             raise ValueError(f"'train.max_failures' should be >= -1 (-1 = unlimited); got {self.train.max_failures}.")
+        _validate_alias("tracking.alias", self.tracking.alias, allow_empty=True)
         _validate_tune(self.tune)
 
 
@@ -560,8 +563,15 @@ def _validate_tune(t: "TuneConfig") -> None:
         raise ValueError(f"'tune.reduction_factor' should be an integer >= 2; got {t.reduction_factor!r}.")
     if t.max_concurrent_trials < 0:
         raise ValueError(f"'tune.max_concurrent_trials' should be >= 0 (0 = as many as fit); got {t.max_concurrent_trials}.")
-    if not t.alias or not t.alias.replace("_", "").replace("-", "").isalnum():
-        raise ValueError(f"'tune.alias' should be a non-empty name of letters, digits, '-' or '_'; got {t.alias!r}.")
+    _validate_alias("tune.alias", t.alias, allow_empty=False)
+
+
+def _validate_alias(name: str, alias: str, *, allow_empty: bool) -> None:
+    if allow_empty and not alias:
+        return
+    if not alias or not alias.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"'{name}' should be a {'' if allow_empty else 'non-empty '}name of "
+                         f"letters, digits, '-' or '_'{' (or empty)' if allow_empty else ''}; got {alias!r}.")
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -609,6 +619,8 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
         if isinstance(value, bool):
             return value
         raise ValueError(f"'{name}' should be true or false; got {value!r}.")
+    if typ in (int, float) and isinstance(value, str):  # '1e-3', quoted numbers: by the field's type
+        value = _number_from_text(value)
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise ValueError(f"'{name}' should be an integer; got {value!r}.")
@@ -626,15 +638,67 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
     return value
 
 
+def _number_from_text(text: str):
+    """``'1e-3'`` -> 0.001, ``'5'`` -> 5; anything else unchanged (and refused by the caller)."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        pass
+    try:
+        number = float(text.strip())
+    except ValueError:
+        return text
+    return number if math.isfinite(number) else text
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: ``1e-3`` and ``1E5`` are numbers (YAML 1.1,
+    PyYAML's rule, reads them as strings because they lack a dot)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> Python values; a syntax error names ``where``, the line and the column."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        at = f"{where}, line {mark.line + 1}, column {mark.column + 1}" if mark else where
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        context = getattr(exc, "context", None)
+        raise ValueError(f"{at}: malformed YAML: {problem}"
+                         f"{f' ({context})' if context else ''}.") from None
+
+
+def _check_config_file(path: Path) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(f"config '{path}' is a directory; pass a YAML file, e.g. "
+                                f"{path / 'demo.yaml'} or jobs/configs/demo.yaml.")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file '{path}' does not exist.")
+
+
 def load_yaml_with_base(path: Path, _seen: tuple = ()) -> dict:
     """Read a YAML config; a top-level ``base: other.yaml`` (relative to this file) is read
     first and this file's values are merged over it, section by section."""
     path = Path(path).resolve()
     if path in _seen:
         raise ValueError(f"config 'base' chain loops back to '{path}'.")
-    if not path.is_file():
-        raise FileNotFoundError(f"config file '{path}' does not exist.")
-    raw = yaml.safe_load(path.read_text()) or {}
+    _check_config_file(path)
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"config file '{path}' is not text (UTF-8); pass a YAML file.") from None
+    raw = parse_yaml(text, f"config file '{path}'") or {}
     if not isinstance(raw, dict):
         raise ValueError(f"config file '{path}' should hold a mapping of sections; got {type(raw).__name__}.")
     base = raw.pop("base", None)
@@ -658,7 +722,7 @@ def apply_override(raw: dict, item: str) -> None:
     if "=" not in item:
         raise ValueError(f"--set expects key=value (e.g. fds.ks=7); got {item!r}.")
     key, text = item.split("=", 1)
-    _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else "")
+    _set_dotted(raw, key.strip(), parse_yaml(text, f"--set {item!r}") if text.strip() else "")
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
 from torch import Tensor, nn
 
 from raydir.distributed import all_reduce_sum, world_size

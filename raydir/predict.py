@@ -10,9 +10,11 @@ artifact (config + model_info) to check the inputs before any actor starts.
   [2] check     the input's schema (Parquet footer / CSV header) against the raw columns the
                 model needs;
   [3] map       ``map_batches`` over an actor pool: each actor loads the pyfunc model once
-                (``mlflow.pyfunc.load_model``) and predicts batch after batch;
-  [4] write     predict: input columns + ``prediction`` to Parquet; evaluate: per-bin sums
-                of the errors, counted row by row, logged as a new MLflow run.
+                (``mlflow.pyfunc.load_model``) and predicts batch after batch (``raydir.serve``);
+  [4] write     predict: input columns + ``prediction``, the format by the output's name
+                (``output_plan``: one .parquet / .csv file, or shards in a folder / s3://
+                prefix; checked before scoring); evaluate: per-bin sums of the errors, counted
+                row by row, logged as a new MLflow run.
 
 Evaluation feeds the prepared split's model inputs to the model's network rather than raw
 columns: the pipeline keeps the encoded inputs (``features`` standardised with the EVAL
@@ -26,8 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +37,9 @@ import numpy as np
 import pandas as pd
 
 from raydir.data.base import ModelInfo
-
-PREDICTION = "prediction"
+from raydir.errors import UserError
+from raydir.runtime import check_ray_address, connect_ray, tracking_uri_checked
+from raydir.serve import PREDICTION, PreparedPredictor, PyfuncPredictor
 
 
 # -- [1] resolve ----------------------------------------------------------------------------
@@ -132,86 +133,6 @@ def load_model_info(ref: ModelRef) -> ModelInfo:
     return ModelInfo.from_dict(json.loads(Path(path).read_text())["model_info"])
 
 
-# -- connections ----------------------------------------------------------------------------
-def _probe_tcp(address: str, timeout: float = 5.0) -> str | None:
-    """None when ``host:port`` accepts TCP connections, else the error text."""
-    hostport = address.split("://", 1)[-1].split("/", 1)[0]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        return None  # not host:port (e.g. 'auto'): let ray.init decide
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            return None
-    except OSError as exc:
-        return str(exc)
-
-
-def check_ray_address(address: str) -> None:
-    """Fail in seconds, naming the fix, when ``address`` ($RAY_ADDRESS) cannot be reached."""
-    if address.startswith(("http://", "https://")):
-        raise ConnectionError(
-            f"RAY_ADDRESS={address} is a dashboard (job submission) address; a driver needs the "
-            f"cluster's GCS address (HEAD:6379) or ray://HEAD:10001. To run on the cluster, "
-            f"submit with `ray job submit --address {address} -- raydir ...` instead."
-        )
-    if address and address not in ("auto", "local"):
-        error = _probe_tcp(address)
-        if error:
-            raise ConnectionError(
-                f"Ray cluster at RAY_ADDRESS={address} cannot be reached ({error}). Start it "
-                f"(`ray start --head`), fix RAY_ADDRESS, or unset RAY_ADDRESS to run on a local Ray."
-            )
-
-
-def connect_ray(num_cpus_needed: float = 0) -> None:
-    """``ensure_ray`` with a fast, readable failure when $RAY_ADDRESS cannot be reached."""
-    import ray
-
-    from raydir.train import ensure_ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS", "")
-    check_ray_address(address)
-    try:
-        ensure_ray(num_cpus_needed)
-    except ConnectionError as exc:
-        raise ConnectionError(
-            f"Ray cluster at RAY_ADDRESS={address or 'auto'} cannot be joined ({exc}). Check the "
-            f"address and, on a cluster with token authentication, RAY_AUTH_TOKEN / "
-            f"~/.ray/auth_token."
-        ) from None
-
-
-def tracking_uri_checked() -> str:
-    from raydir.tracking import check_tracking_uri, resolve_tracking_uri
-
-    uri = resolve_tracking_uri("")
-    check_tracking_uri(uri)
-    return uri
-
-
-# -- [3] the actor pool -----------------------------------------------------------------------
-class PyfuncPredictor:
-    """``map_batches`` callable class: the pyfunc model is loaded once per actor."""
-
-    def __init__(self, model_uri: str, tracking_uri: str, columns: list[str]):
-        import warnings
-
-        import mlflow
-
-        warnings.filterwarnings("ignore", message="Add type hints")  # mlflow, once per actor
-        mlflow.set_tracking_uri(tracking_uri)
-        self.model = mlflow.pyfunc.load_model(model_uri)
-        self.columns = list(columns)
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        # Only the model's columns go in (the others would trigger a schema warning per batch);
-        # every input column comes out.
-        batch[PREDICTION] = np.asarray(self.model.predict(batch[self.columns]), dtype=np.float64)
-        return batch
-
-
 def _needed_columns(info: ModelInfo, available: list[str]) -> list[str]:
     from raydir.data.preprocess import check_raw_columns
 
@@ -221,35 +142,82 @@ def _needed_columns(info: ModelInfo, available: list[str]) -> list[str]:
     return list(info.raw_columns)
 
 
-def read_input(path: str):
+def check_input_exists(path: str) -> None:
     from raydir.data.base import is_uri, local_path
-    from raydir.data.table import read_table
 
     if not is_uri(path) and not local_path(path).exists():
         raise FileNotFoundError(f"--input '{path}' does not exist (resolved to "
                                 f"'{local_path(path).resolve()}').")
+
+
+def read_input(path: str):
+    from raydir.data.table import read_table
+
+    check_input_exists(path)
     return read_table(path)
 
 
-def _write_single_parquet(ds, output: str) -> int:
-    """Stream the result into ONE Parquet file (the driver holds one batch at a time)."""
+# -- [4] write ---------------------------------------------------------------------------------
+SINGLE_FILE = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+
+
+def output_plan(output: str) -> tuple[str, str]:
+    """``(layout, format)`` of ``--output``, checked before any scoring.
+
+    A local path ending in ``.parquet`` / ``.pq`` / ``.csv`` is one file in input order, written
+    by the driver; a URI (``s3://...``) or a folder is written in parallel by the actors as
+    shards (CSV when it ends in ``.csv``, else Parquet). The parent folder must exist and be
+    writable: raydir does not create it.
+    """
+    if not output.strip():
+        raise UserError("--output is empty; give a .parquet / .csv file or a folder.")
+    suffix = Path(output.rstrip("/")).suffix.lower()
+    fmt = SINGLE_FILE.get(suffix, "parquet")
+    if "://" in output and not output.startswith("file://"):
+        return "shards", fmt
+    out = Path(output.removeprefix("file://")).expanduser()
+    layout = "file" if suffix in SINGLE_FILE and not output.endswith("/") else "shards"
+    if layout == "shards" and suffix and not out.is_dir():
+        raise UserError(f"--output '{output}': unknown file type {suffix!r}; write a .parquet or "
+                        f".csv file, or a folder (Parquet shards).")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"--output '{output}': folder '{parent}' does not exist; create it first.")
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UserError(f"--output '{output}' is not writable (permission denied on "
+                        f"'{out if out.exists() else parent}'); choose another path.")
+    if layout == "file" and out.is_dir():
+        raise UserError(f"--output '{output}' is an existing folder; give a file name or remove it.")
+    if layout == "shards" and out.is_file():
+        raise UserError(f"--output '{output}' is an existing file; shards need a folder.")
+    if layout == "shards" and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--output '{output}' is a folder that holds files already; remove them or "
+                        f"name a new folder.")
+    return layout, fmt
+
+
+def _write_single_file(ds, output: str, fmt: str) -> int:
+    """Stream the result into ONE file (the driver holds one batch at a time), replaced
+    atomically."""
+    import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(output.removeprefix("file://")).expanduser()
     tmp = out.with_name(f".{out.name}.tmp")
     writer, rows = None, 0
     try:
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table.cast(writer.schema))
+                schema = table.schema
+                writer = (pq.ParquetWriter(tmp, schema) if fmt == "parquet"
+                          else pcsv.CSVWriter(tmp, schema))
+            writer.write_table(table.cast(schema))
             rows += table.num_rows
     finally:
         if writer is not None:
             writer.close()
     if writer is None:
-        raise ValueError("prediction input holds no rows.")
+        raise UserError("prediction input holds no rows.")
     os.replace(tmp, out)
     return rows
 
@@ -258,18 +226,18 @@ def predict(model_uri: str, input_path: str, output: str, *, batch_size: int = 1
             num_actors: int = 1, log: Callable[[str], Any] = print) -> dict:
     """Batch predictions of a registered model; returns a summary dict.
 
-    ``output`` ending in ``.parquet`` / ``.pq`` is one Parquet file in input order; anything
-    else (a folder, an ``s3://`` prefix) is written by the actors in parallel as Ray Data's
-    Parquet shards.
+    ``output``: see :func:`output_plan` (checked first, with the services and the model).
     """
     import ray
     import ray.data
 
     if batch_size < 1:
-        raise ValueError(f"--batch-size should be a positive integer; got {batch_size}.")
+        raise UserError(f"--batch-size should be a positive integer; got {batch_size}.")
     if num_actors < 1:
-        raise ValueError(f"--num-actors should be a positive integer; got {num_actors}.")
-    check_ray_address(os.environ.get("RAY_ADDRESS", ""))  # both services first, in seconds
+        raise UserError(f"--num-actors should be a positive integer; got {num_actors}.")
+    layout, fmt = output_plan(output)
+    check_input_exists(input_path)
+    check_ray_address()  # both services first, in seconds
     uri = tracking_uri_checked()
     ref = resolve_model(model_uri, uri)                               # [1] resolve
     info = load_model_info(ref)
@@ -278,20 +246,18 @@ def predict(model_uri: str, input_path: str, output: str, *, batch_size: int = 1
     ds = read_input(input_path)
     schema = ds.schema()
     if schema is None:
-        raise ValueError(f"--input '{input_path}' holds no rows.")
+        raise UserError(f"--input '{input_path}' holds no rows.")
     columns = _needed_columns(info, list(schema.names))               # [2] check
 
-    single = output.lower().endswith((".parquet", ".pq")) and "://" not in output
-    ds.context.enable_progress_bars = True
-    ds.context.execution_options.preserve_order = single  # output rows in input order
+    ds.context.execution_options.preserve_order = layout == "file"  # output rows in input order
     t0 = time.perf_counter()
     out = ds.map_batches(PyfuncPredictor, fn_constructor_args=(ref.resolved_uri, uri, columns),
                          batch_size=batch_size, batch_format="pandas",
                          compute=ray.data.ActorPoolStrategy(size=num_actors))  # [3] map
-    if single:                                                         # [4] write
-        rows = _write_single_parquet(out, output)
+    if layout == "file":                                               # [4] write
+        rows = _write_single_file(out, output, fmt)
     else:
-        out.write_parquet(output)
+        (out.write_csv if fmt == "csv" else out.write_parquet)(output)
         rows = ds.count()  # one output row per input row (Parquet: read from the footers)
     seconds = time.perf_counter() - t0
     summary = {"model": ref.resolved_uri, "rows": rows, "seconds": seconds, "output": output,
@@ -301,61 +267,13 @@ def predict(model_uri: str, input_path: str, output: str, *, batch_size: int = 1
 
 
 def predict_main(args) -> int:
-    try:
-        predict(args.model, args.input, args.output, batch_size=args.batch_size,
-                num_actors=args.num_actors)
-    except (ValueError, TypeError, FileNotFoundError, ConnectionError) as exc:
-        print(f"raydir predict: error: {exc}", file=sys.stderr)
-        return 2
+    """``raydir predict``; a user mistake raises (raydir.cli prints it as one line)."""
+    predict(args.model, args.input, args.output, batch_size=args.batch_size,
+            num_actors=args.num_actors)
     return 0
 
 
 # -- evaluate -------------------------------------------------------------------------------
-class PreparedPredictor:
-    """``map_batches`` callable class for evaluate: prepared rows -> ``prediction``, ``target``.
-
-    Loads the pyfunc once per actor and runs its network on the prepared inputs. Features were
-    standardised with the eval data's train statistics (``mean_p``, ``std_p``); the network
-    expects the model's own (``mean_m``, ``std_m``): ``x_m = (x_p * std_p + mean_p - mean_m) /
-    std_m``, skipped (bit-exact) when both are the same, as when the model is evaluated on the
-    data it was trained on.
-    """
-
-    def __init__(self, model_uri: str, tracking_uri: str, prep_mean: list | None,
-                 prep_std: list | None):
-        import mlflow
-
-        mlflow.set_tracking_uri(tracking_uri)
-        python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-        self.net, self.info, self.cfg = python_model.model, python_model.info, python_model.cfg
-        self.scale = self.shift = None
-        mean_m, std_m = self.info.feature_mean, self.info.feature_std
-        if prep_mean is not None and mean_m is not None and \
-                (prep_mean != mean_m or prep_std != std_m):
-            std_m = np.asarray(std_m, dtype=np.float64)
-            self.scale = (np.asarray(prep_std, dtype=np.float64) / std_m).astype(np.float32)
-            self.shift = ((np.asarray(prep_mean, dtype=np.float64) - np.asarray(mean_m)) / std_m
-                          ).astype(np.float32)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        from raydir.data.base import TARGET
-        from raydir.loop import model_inputs
-
-        tensors = {}
-        for col in self.info.input_columns:
-            values = np.asarray(batch[col])
-            if col == "features" and self.scale is not None:
-                values = values.astype(np.float32) * self.scale + self.shift
-            tensors[col] = torch.from_numpy(np.ascontiguousarray(values))
-        with torch.no_grad():
-            pred, _ = self.net(model_inputs(tensors, self.info, None, train=False,
-                                             crop_padding=self.cfg.data.image.crop_padding))
-        return {PREDICTION: pred.double().cpu().numpy().reshape(-1),
-                TARGET: np.asarray(batch[TARGET], dtype=np.float64)}
-
-
 def _check_compatible(mi: ModelInfo, prepared, model_uri: str) -> None:
     """The eval data must produce the inputs the model was trained on."""
     if mi.input_kind != prepared.input_kind:
@@ -386,13 +304,11 @@ def evaluate(model_uri: str, cfg, *, split: str = "test", num_actors: int = 1,
     import ray
     import ray.data
 
-    from raydir import tracking
     from raydir.data.pipeline import prepare
     from raydir.metrics import ShotMetricAccumulator
 
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    tracking.check_tracking_uri(uri)
-    check_ray_address(os.environ.get("RAY_ADDRESS", ""))
+    uri = tracking_uri_checked(cfg.tracking.uri)
+    check_ray_address()
     ref = resolve_model(model_uri, uri)                               # [1] resolve
     info = load_model_info(ref)
     log(f"model {model_uri} -> {ref.resolved_uri} (run {ref.run_id}) from {uri}")
@@ -405,7 +321,6 @@ def evaluate(model_uri: str, cfg, *, split: str = "test", num_actors: int = 1,
             f"{bins!r} and its shot regions")
 
     ds = prepared.base_datasets[split]
-    ds.context.enable_progress_bars = True
     mean = None if prepared.feature_mean is None else prepared.feature_mean.tolist()
     std = None if prepared.feature_std is None else prepared.feature_std.tolist()
     out = ds.map_batches(PreparedPredictor, fn_constructor_args=(ref.resolved_uri, uri, mean, std),
@@ -413,7 +328,7 @@ def evaluate(model_uri: str, cfg, *, split: str = "test", num_actors: int = 1,
                          compute=ray.data.ActorPoolStrategy(size=num_actors))  # [3] map
     acc = ShotMetricAccumulator(bins, shots, spearman=True)
     for batch in out.iter_batches(batch_format="numpy", batch_size=None):
-        acc.update(batch[PREDICTION], batch["target"])
+        acc.update(np.array(batch[PREDICTION]), np.array(batch["target"]))  # writable copies for torch
     result = acc.compute()
     if acc.count != prepared.sizes[split]:  # every row exactly once (STYLE.md, rule 9)
         raise RuntimeError(f"evaluation on '{split}' counted {acc.count} rows but the split has "
@@ -472,11 +387,7 @@ def _log_evaluation(uri: str, cfg, ref: ModelRef, split: str, result: dict, per_
 def evaluate_main(cfg, args) -> int:
     from raydir.report import format_shot_table
 
-    try:
-        out = evaluate(args.model, cfg, split=args.split)
-    except (ValueError, TypeError, FileNotFoundError, ConnectionError) as exc:
-        print(f"raydir evaluate: error: {exc}", file=sys.stderr)
-        return 2
+    out = evaluate(args.model, cfg, split=args.split)  # a user mistake raises (raydir.cli)
     print(format_shot_table({f"{out['model_uri']} on {out['split']}": out[f"{args.split}_metrics"]}))
     print(f"MLflow run: {out['run_id']}")
     if args.result_file:

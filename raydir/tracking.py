@@ -1,20 +1,24 @@
-"""MLflow: tracking URI, run setup, the per-report metrics callback, and the logged model.
+"""MLflow: tracking URI, runs (create, resume checks, finish), the per-report metrics
+callback, the driver's epoch lines, and the registry (registration, alias decisions).
 
 The driver owns the run: it creates (or reopens) it, logs params and the final artifacts and
 model. Per-epoch metrics are logged by a callback on the Ray Train controller, for each report
 it has processed, which is also when the report's checkpoint is registered. A report still in
 flight when a worker dies is lost with its checkpoint; the epoch is trained again after the
-restart and logged then, so every epoch is logged once.
+restart and logged then, so every epoch is logged once (the callback skips a step the run
+already holds). The served model itself is in ``raydir.serve``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+
+from raydir.errors import UserError
 
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -55,93 +59,110 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             )
 
 
+def epoch_line(epoch: int, total: int, values: dict, eta_s: float | None) -> str:
+    """``epoch 3/20  ETA 0:41  train loss 5.1234  val MAE 6.0123  few MAE 9.8765`` (1-based)."""
+    import math
+
+    eta = "-:--" if eta_s is None else f"{int(eta_s // 60)}:{int(eta_s % 60):02d}"
+    return (f"epoch {epoch + 1}/{total}  ETA {eta}  "
+            f"train loss {values.get('train_loss', math.nan):.4f}  "
+            f"val MAE {values.get('val_mae', math.nan):.4f}  "
+            f"few MAE {values.get('val_few_mae', math.nan):.4f}")
+
+
+class EpochPrinter:
+    """One console line per epoch, printed by the driver as the epoch reaches the MLflow run
+    (``poll`` reads its history): the workers and the Ray Train controller print nothing, so
+    their processes' output can stay off the console."""
+
+    KEYS = ("train_loss", "val_mae", "val_few_mae")
+
+    def __init__(self, uri: str, run_id: str, total: int, log=print):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id, self.total, self.log = MlflowClient(uri), run_id, total, log
+        self.printed = logged_steps(self.client, run_id)  # a resumed run's earlier epochs
+        self.times: list[float] = []
+
+    def poll(self) -> None:
+        metrics = {k: self.client.get_metric_history(self.run_id, k) for k in self.KEYS}
+        history = {k: {m.step: m.value for m in ms} for k, ms in metrics.items()}
+        logged_at = {m.step: m.timestamp / 1000 for m in metrics["train_loss"]}
+        for epoch in sorted(set(history["train_loss"]) - self.printed):
+            if epoch >= self.total:  # the final report's step
+                continue
+            self.times.append(logged_at[epoch])  # when the controller logged it: the epoch's pace
+            eta = None
+            if len(self.times) > 1:
+                per_epoch = (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+                eta = max(per_epoch, 0.0) * (self.total - epoch - 1)
+            self.log(epoch_line(epoch, self.total, {k: history[k].get(epoch, float("nan"))
+                                                    for k in self.KEYS}, eta))
+            self.printed.add(epoch)
+
+
 def metrics_callback(tracking_uri: str, run_id: str, final_step: int):
     """A Ray Train ``UserCallback`` (it runs on the controller) that logs rank 0's metrics of
     every processed report into ``run_id``: epoch reports at step ``epoch``, the final test
-    report (``final`` in its metrics) at ``final_step``. NaN values (an empty shot region) are
-    left out."""
+    report (``final`` in its metrics) at ``final_step``. NaN
+    values (an empty shot region) are left out. A step already in the run (an epoch logged,
+    then trained again after a restart from an earlier checkpoint) is not logged twice."""
     from ray.train import UserCallback
 
     class MetricsToMlflow(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            import math
-            import time
+        def __init__(self):
+            self.logged = None
 
-            from mlflow.entities import Metric
+        def after_report(self, run_context, metrics, checkpoint):
             from mlflow.tracking import MlflowClient
 
             values = dict(metrics[0])
             step = final_step if "final" in values else int(values["epoch"])
-            now = int(time.time() * 1000)
-            batch = [Metric(k, float(v), now, step) for k, v in values.items()
-                     if k not in ("epoch", "final") and isinstance(v, (int, float))
-                     and not isinstance(v, bool) and not math.isnan(v)]
             client = MlflowClient(tracking_uri)
-            for i in range(0, len(batch), 500):  # MLflow's per-request metric limit is 1000
-                client.log_batch(run_id, metrics=batch[i:i + 500])
+            if self.logged is None:
+                self.logged = logged_steps(client, run_id)
+            if step not in self.logged:
+                log_step(client, run_id, values, step)
+                self.logged.add(step)
 
     return MetricsToMlflow()
 
 
-# -- the logged model -----------------------------------------------------------------------
-try:
-    import mlflow.pyfunc
-
-    _PythonModel = mlflow.pyfunc.PythonModel
-except ImportError:  # pragma: no cover - mlflow is a runtime dependency
-    _PythonModel = object
+def logged_steps(client, run_id: str, key: str = "train_loss") -> set[int]:
+    """The epochs of ``run_id`` whose metrics are logged."""
+    return {m.step for m in client.get_metric_history(run_id, key)}
 
 
-class RaydirModel(_PythonModel):
-    """Raw input columns in, predictions in target units out.
+def log_step(client, run_id: str, values: dict, step: int) -> None:
+    """A report's numeric metrics at ``step`` (NaN and the bookkeeping keys left out)."""
+    import math
+    import time
 
-    Artifacts: ``state`` (the trained ``DIRModel`` state_dict) and ``info`` (JSON: config, the
-    prepared data's model info with feature standardisation statistics). Preprocessing (feature
-    standardisation, sentence embedding, tokenisation, image normalisation) runs inside.
-    """
+    from mlflow.entities import Metric
 
-    def load_context(self, context) -> None:
-        import torch
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in values.items()
+             if k not in ("epoch", "final") and isinstance(v, (int, float))
+             and not isinstance(v, bool) and not math.isnan(v)]
+    for i in range(0, len(batch), 500):  # MLflow's per-request metric limit is 1000
+        client.log_batch(run_id, metrics=batch[i:i + 500])
 
-        from raydir.config import Config
-        from raydir.data.base import ModelInfo
-        from raydir.models import build_model
 
-        info = json.loads(Path(context.artifacts["info"]).read_text())
-        self.cfg = Config.from_dict(info["config"])
-        self.info = ModelInfo.from_dict(info["model_info"])
-        self.model = build_model(self.cfg, self.info)
-        state = torch.load(context.artifacts["state"], map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state)
-        self.model.eval()
-
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        import numpy as np
-        import torch
-
-        from raydir.data.preprocess import model_inputs_from_raw
-
-        inputs = model_inputs_from_raw(model_input, self.info, self.cfg)
-        with torch.no_grad():
-            pred, _ = self.model(inputs)
-        return np.asarray(pred.cpu().numpy(), dtype=np.float64)
 
 
 # -- driver-side run lifecycle ---------------------------------------------------------------
-def start_run(uri: str, cfg, *, resume: str | None = None, extra_params: dict | None = None):
-    """Create the run (params = the flattened resolved config), or reopen ``resume``."""
+def start_run(uri: str, cfg, *, resume: str | None = None, extra_params: dict | None = None,
+              changes: dict | None = None):
+    """Create the run (params = the flattened resolved config), or reopen ``resume`` (tagged
+    with the config ``changes`` allowed on resuming)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     if resume:
-        try:
-            run = client.get_run(resume)
-        except Exception as exc:
-            raise ValueError(
-                f"--resume {resume!r}: no such MLflow run at {uri} ({exc}). Pass the run id "
-                f"printed by the interrupted `raydir train`."
-            ) from None
+        run = get_run_or_refuse(client, uri, resume)
         client.update_run(resume, status="RUNNING")
+        for key, change in (changes or {}).items():
+            client.set_tag(resume, f"raydir.resumed_change.{key}", change)
         return run.info
     exp_id = experiment_id(client, uri, cfg.tracking.experiment)
     run = client.create_run(exp_id, run_name=cfg.tracking.run_name or None,
@@ -153,6 +174,63 @@ def start_run(uri: str, cfg, *, resume: str | None = None, extra_params: dict | 
     for i in range(0, len(batch), 90):  # MLflow's per-request param limit is 100
         client.log_batch(run.info.run_id, params=batch[i:i + 90])
     return run.info
+
+
+def get_run_or_refuse(client, uri: str, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise UserError(
+            f"--resume {run_id!r}: no MLflow run with that id at {uri}; pass the run id printed "
+            f"by the interrupted `raydir train` (and the same MLFLOW_TRACKING_URI / tracking.uri)."
+        ) from None
+
+
+def check_resume(uri: str, run_id: str, cfg, allow_change=()) -> dict[str, str]:
+    """Refuse, changing nothing, to resume a run that does not exist, has finished, belongs to
+    a sweep, or was logged with another config (except the keys in ``allow_change``). Returns
+    the allowed changes, ``{key: "old -> new"}``, for :func:`start_run` to tag."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run = get_run_or_refuse(client, uri, run_id)
+    if run.info.status == "FINISHED":
+        raise UserError(
+            f"--resume {run_id}: the run is FINISHED (its test metrics and model are logged), so "
+            f"there is nothing to resume; start a new run without --resume."
+        )
+    if run.data.tags.get("raydir.role") in ("sweep", "trial"):
+        raise UserError(f"--resume {run_id}: the run belongs to a sweep; re-run the same "
+                        f"`raydir tune` command to resume it.")
+    ours = {k: str(v)[:6000] for k, v in cfg.to_flat_dict().items()}
+    unknown = sorted(set(allow_change) - set(ours))
+    if unknown:
+        raise UserError(f"--allow-change {unknown[0]!r} is not a config key; e.g. train.epochs.")
+    logged = run.data.params
+    differ = [k for k in ours if k in logged and logged[k] != ours[k] and k not in allow_change]
+    if differ:
+        shown = ", ".join(f"{k} (run: {logged[k]}, now: {ours[k]})" for k in differ[:6])
+        raise UserError(
+            f"--resume {run_id}: the config differs from the run's logged config in "
+            f"{len(differ)} key(s): {shown}{', ...' if len(differ) > 6 else ''}; resume with the "
+            f"run's config, or allow a change with --allow-change {differ[0]}."
+        )
+    return {k: f"{logged[k]} -> {ours[k]}" for k in allow_change if k in logged and logged[k] != ours[k]}
+
+
+def log_missing_epochs(uri: str, run_id: str, reports: list[dict]) -> int:
+    """Log the epoch reports (Ray Train's checkpointed reports) that the run lacks, e.g. the
+    last one before an interrupt; returns how many."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    have = retry_locked(logged_steps, client, run_id)
+    missing = [r for r in reports if "epoch" in r and "final" not in r and int(r["epoch"]) not in have]
+    for r in missing:
+        retry_locked(log_step, client, run_id, r, int(r["epoch"]))
+    return len(missing)
 
 
 def artifact_root(uri: str) -> str | None:
@@ -183,10 +261,24 @@ def experiment_id(client, uri: str, name: str) -> str:
         return exp.experiment_id
 
 
+def retry_locked(fn, *args, attempts: int = 30, **kwargs):
+    """``fn(*args, **kwargs)``, tried again while a SQLite store says "database is locked" (a
+    writer that was stopped mid-transaction, or a busy machine), up to ``attempts`` seconds."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - only the lock is retried
+            if "database is locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(1.0)
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(uri).set_terminated(run_id, status=status)
+    retry_locked(MlflowClient(uri).set_terminated, run_id, status=status)
 
 
 def log_data_artifacts(uri: str, run_id: str, cfg, prepared) -> None:
@@ -217,9 +309,7 @@ def finish_run(uri: str, run_id: str, cfg, prepared, info, final: dict, per_bin_
     (``info``: the :class:`raydir.data.base.ModelInfo`, logged as JSON beside the weights)."""
     import tempfile
 
-    import mlflow
     import pandas as pd
-    import torch
     from mlflow.tracking import MlflowClient
 
     from raydir import report
@@ -238,37 +328,134 @@ def finish_run(uri: str, run_id: str, cfg, prepared, info, final: dict, per_bin_
     if not np_isnan(corr):
         client.log_metric(run_id, "test_error_density_pearson", corr)
 
-    registered = {"name": None, "version": None}
+    registered, alias, model_uri = {"name": None, "version": None}, None, None
     if cfg.tracking.log_model:
-        mlflow.set_tracking_uri(uri)
-        with tempfile.TemporaryDirectory() as d, mlflow.start_run(run_id=run_id):
-            state_path = Path(d) / "state.pt"
-            torch.save(final["model"], state_path)
-            info_path = Path(d) / "info.json"
-            info_path.write_text(json.dumps({"config": cfg.to_dict(), "model_info": info.to_dict()}))
-            from raydir.data.preprocess import raw_example
-
-            example = raw_example(info)
-            model = RaydirModel()
-            model.load_context(_Ctx({"state": str(state_path), "info": str(info_path)}))
-            signature = None
-            if example is not None:
-                from mlflow.models import infer_signature
-
-                signature = infer_signature(example, model.predict(None, example))
-            logged = mlflow.pyfunc.log_model(
-                name="model", python_model=RaydirModel(),
-                artifacts={"state": str(state_path), "info": str(info_path)},
-                signature=signature, input_example=example,
-                pip_requirements=model_requirements(info.input_kind),
-                registered_model_name=cfg.tracking.register_name or None,
-            )
-            if cfg.tracking.register_name:
-                registered = {"name": cfg.tracking.register_name,
-                              "version": int(logged.registered_model_version)}
+        log_model(uri, run_id, cfg, info, final["model"])
+        model_uri = f"runs:/{run_id}/model"
+        if cfg.tracking.register_name:
+            registered, alias = register_train_run(uri, cfg, run_id, final)
     client.set_terminated(run_id, status="FINISHED")
-    return {"run_id": run_id, "registered_model": registered, "model_uri": f"runs:/{run_id}/model",
+    return {"run_id": run_id, "registered_model": registered, "alias": alias, "model_uri": model_uri,
             "test": test, "best_epoch": final.get("best_epoch")}
+
+
+def log_model(uri: str, run_id: str, cfg, info, state: dict) -> None:
+    """The pyfunc model (raw columns in, target units out) with an input example; its
+    signature declares the output only, because the model accepts any numeric column type
+    that converts exactly (MLflow's schema would refuse an int64 column for a float one)."""
+    import tempfile
+
+    import mlflow
+    import torch
+    from mlflow.models import ModelSignature, infer_signature
+
+    from raydir.data.preprocess import raw_example
+    from raydir.serve import RaydirModel
+
+    mlflow.set_tracking_uri(uri)
+    with tempfile.TemporaryDirectory() as d, mlflow.start_run(run_id=run_id):
+        artifacts = {"state": str(Path(d) / "state.pt"), "info": str(Path(d) / "info.json")}
+        torch.save(state, artifacts["state"])
+        Path(artifacts["info"]).write_text(json.dumps({"config": cfg.to_dict(), "model_info": info.to_dict()}))
+        example = raw_example(info)
+        signature = None
+        if example is not None:
+            model = RaydirModel()
+            model.load_context(_Ctx(artifacts))
+            signature = ModelSignature(outputs=infer_signature(example, model.predict(None, example)).outputs)
+        mlflow.pyfunc.log_model(name="model", python_model=RaydirModel(), artifacts=artifacts,
+                                signature=signature, input_example=example,
+                                pip_requirements=model_requirements(info.input_kind))
+
+
+def register_train_run(uri: str, cfg, run_id: str, final: dict) -> tuple[dict, str | None]:
+    """Register the run's model as ``tracking.register_name``; move ``tracking.alias`` to it
+    by the rule a sweep uses (:func:`alias_decision`), scored on val ``train.select_metric``.
+    Returns the registered name / version and the alias when the version holds it."""
+    from raydir.data.pipeline import cache_key
+
+    metric = cfg.train.select_metric
+    best = next((h for h in final.get("history", []) if h["epoch"] == final.get("best_epoch")), {})
+    value = best.get(f"val_{metric}", math.nan)
+    out = register_version(uri, cfg.tracking.register_name, cfg.tracking.alias, run_id,
+                           value=value, metric=metric, data_key=cache_key(cfg), mode="min")
+    print(f"registered models:/{out['name']}/{out['version']}; {out['message']}")
+    holds = out["moved"] or out["holder"] == out["version"]
+    return {"name": out["name"], "version": out["version"]}, (cfg.tracking.alias if holds else None)
+
+
+# -- registry ---------------------------------------------------------------------------------
+def better(a: float, b: float, mode: str) -> bool:
+    return a < b if mode == "min" else a > b
+
+
+def alias_decision(new_value: float, holder: dict | None, *, metric: str, data_key: str,
+                   mode: str) -> tuple[bool, str]:
+    """Whether the alias moves to a new version whose val ``metric`` is ``new_value``.
+
+    ``holder`` is the version holding the alias now, with its tags (``raydir.val_metric``,
+    ``raydir.val_value``, ``raydir.val_data``), or None. It moves only when there is no holder,
+    or the holder was scored on the same metric and the same validation data and the new
+    value is strictly better.
+    """
+    if holder is None:
+        return True, "no version holds it yet"
+    tags = holder.get("tags", {})
+    if tags.get("raydir.val_metric") != metric:
+        return False, (f"version {holder['version']} was not scored on val {metric} (its tag "
+                       f"raydir.val_metric is {tags.get('raydir.val_metric')!r}), so the two "
+                       f"cannot be compared")
+    if tags.get("raydir.val_data") != data_key:
+        return False, (f"version {holder['version']} was scored on other validation data "
+                       f"(data key {tags.get('raydir.val_data')!r}, this one {data_key!r})")
+    old = float(tags["raydir.val_value"])
+    if better(new_value, old, mode):
+        return True, f"val {metric} {new_value:.4f} beats {old:.4f} of version {holder['version']}"
+    return False, (f"val {metric} {new_value:.4f} does not beat {old:.4f} of version "
+                   f"{holder['version']}")
+
+
+def register_version(uri: str, name: str, alias: str, run_id: str, *, value: float, metric: str,
+                     data_key: str, mode: str, tags: dict | None = None) -> dict:
+    """Register ``runs:/run_id/model`` as ``name`` (once per run), tag it with its val score,
+    and move ``alias`` to it when :func:`alias_decision` says so (no alias when empty)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri, registry_uri=uri)
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        version = int(existing[0].version)
+    else:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        import contextlib
+        import io
+
+        with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered ..."
+            version = int(mlflow.register_model(f"runs:/{run_id}/model", name).version)
+    for key, tag in {"raydir.val_metric": metric, "raydir.val_value": repr(float(value)),
+                     "raydir.val_data": data_key, **(tags or {})}.items():
+        client.set_model_version_tag(name, str(version), key, tag)
+    out = {"name": name, "version": version, "moved": False, "holder": None}
+    if not alias:
+        return {**out, "message": "no alias set (tracking.alias is empty)"}
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+        holder = {"version": int(mv.version), "run_id": mv.run_id, "tags": dict(mv.tags)}
+    except MlflowException:
+        holder = None
+    if holder is not None and holder["version"] == version:
+        moved, why = False, f"version {version} already holds it"
+    else:
+        moved, why = alias_decision(value, holder, metric=metric, data_key=data_key, mode=mode)
+    if moved:
+        client.set_registered_model_alias(name, alias, str(version))
+        msg = f"alias '{alias}' moved to {name} version {version}: {why}."
+    else:
+        msg = f"alias '{alias}' not moved (stays on version {holder['version']}): {why}."
+    return {**out, "moved": moved, "holder": holder["version"] if holder else None, "message": msg}
 
 
 # What a served RaydirModel imports (raydir itself and its runtime dependencies). Listed
@@ -311,4 +498,8 @@ def __getattr__(name: str):
         from raydir.metrics import flatten_metrics
 
         return flatten_metrics
+    if name == "RaydirModel":  # models logged before serve.py pickled it by this module's name
+        from raydir.serve import RaydirModel
+
+        return RaydirModel
     raise AttributeError(f"module 'raydir.tracking' has no attribute {name!r}")

@@ -10,8 +10,6 @@ rank holds what one process would compute on the whole training set.
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -94,7 +92,6 @@ def train_loop_per_worker(config: dict) -> None:
         metrics["epoch_seconds"] = time.perf_counter() - start
         metrics = loop.record_epoch(parts, state, epoch, val, metrics)
         _report(loop.checkpoint_payload(parts, state) if rank == 0 else None, metrics, epoch)
-        _progress(rank, metrics)
 
     # Final: the best checkpoint on test, merged across workers.
     parts.core.load_state_dict(state.best_model)
@@ -102,13 +99,6 @@ def train_loop_per_worker(config: dict) -> None:
                               info, expected_rows=config["sizes"]["test"], split="test")
     _report_final(loop.final_payload(parts, state, test) if rank == 0 else None, acc,
                   loop.final_metrics(state, test))
-
-
-def _progress(rank: int, m: dict) -> None:
-    if rank == 0:
-        print(f"[raydir] epoch {m['epoch']:3d} stage {m['stage']} loss {m['train_loss']:.4f} "
-              f"val MAE {m['val_mae']:.4f} few MAE {m['val_few_mae']:.4f} "
-              f"({m['epoch_seconds']:.1f}s)", flush=True)
 
 
 def _report_final(payload: dict | None, acc, metrics: dict) -> None:
@@ -139,98 +129,125 @@ def _report(payload: dict | None, metrics: dict, epoch: int) -> None:
 
 
 # -- driver side ---------------------------------------------------------------------------
-# Ray Train's controller takes the workers' reports every 2 s by default, and a worker blocks
-# on its next report until the previous one is taken, so epochs shorter than that wait for the
-# poll. A local instance started by raydir polls more often.
-LOCAL_REPORT_POLL_S = "0.5"
+# Starting or joining Ray: raydir/runtime.py.
 
 
-def local_ray_environment() -> None:
-    """Environment for a Ray instance about to be started in this process (its processes
-    inherit it), each unless already set:
-
-    * the report poll interval above;
-    * Parquet footer readers: Ray Data starts 32 actors (processes) for every Parquet read,
-      made for buckets of many files; on one machine a quarter of its cores is plenty (on 2
-      cores a read of the prepared-data cache takes 1.0 s instead of 2.1-3.4 s).
-    """
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_REPORT_POLL_S)
-    footer_actors = min(32, max(1, (os.cpu_count() or 1) // 4))
-    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(footer_actors))
-
-
-def ensure_ray(num_cpus_needed: float = 0) -> None:
-    """Connect to $RAY_ADDRESS / a running cluster, or start a local Ray (the embedded default).
-
-    A local instance gets at least as many logical CPUs as the workers reserve plus one, so
-    Ray Data ingest tasks can run beside the training workers on a 2-core laptop.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return
-    ncpu = max(os.cpu_count() or 1, int(math.ceil(num_cpus_needed)) + 1)
-    local_ray_environment()
-    # With the dashboard: Ray Train's placement-group cleaner asks its state API whether a
-    # controller is alive, and without it never frees the CPUs of a run whose controller was
-    # killed (a Tune trial that ASHA stops), which starves the next trials.
-    ray.init(num_cpus=ncpu, include_dashboard=True, log_to_driver=True)
-
-
-def run_training(cfg: Config, *, resume: str | None = None, log: Callable[[str], Any] = print,
-                 callbacks: list | None = None) -> dict:
+def run_training(cfg: Config, *, resume: str | None = None, allow_change=(),
+                 log: Callable[[str], Any] = print, callbacks: list | None = None) -> dict:
     """Train one configuration end to end; returns the CLI's result dict.
 
-    The MLflow tracking store is checked first, then Ray is started, the data prepared, the
-    run created, the TorchTrainer fitted, and the best model tested, logged and registered.
-    ``callbacks``: :class:`raydir.loop.LoopCallback` objects every worker's loop calls.
+    The MLflow tracking store, a resumed run (it exists, has not finished, has the same
+    config, has a checkpoint) and the Ray address are checked first, then Ray is started, the
+    data prepared, the run created, the TorchTrainer fitted, and the best model tested,
+    logged and registered. ``callbacks``: :class:`raydir.loop.LoopCallback` objects every
+    worker's loop calls.
     """
     from raydir import tracking
     from raydir.data.pipeline import prepare
+    from raydir.errors import UserError
+    from raydir.runtime import (checkpointed_reports, connect_ray, preflight, storage_root,
+                                tracking_uri_checked)
 
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    tracking.check_tracking_uri(uri)  # before any Ray or data work
+    changes = preflight(cfg, resume=resume, allow_change=allow_change)  # before any Ray or data work
+    uri = tracking_uri_checked(cfg.tracking.uri)
     t = cfg.train
-    ensure_ray(t.num_workers * t.cpus_per_worker)
+    storage = storage_root(t.storage_path)
+    if resume:
+        reports = checkpointed_reports(f"{storage.rstrip('/')}/raydir-{resume}")
+        if not reports:
+            raise UserError(f"--resume {resume}: no checkpoint of this run under {storage} "
+                            f"(train.storage_path / RAYDIR_STORAGE); start a new run instead.")
+        last = int(reports[-1]["epoch"]) + 1
+        log(f"resuming run {resume} at epoch {last + 1}/{cfg.total_epochs} (checkpoint of epoch {last})")
+    connect_ray(t.num_workers * t.cpus_per_worker)
     prepared = prepare(cfg, log=log).train_in_memory(t.materialize, log=log)
     info = prepared.model_info(cfg.target_scale)
 
-    run = tracking.start_run(uri, cfg, resume=resume, extra_params=derived_params(cfg, prepared))
+    run = tracking.start_run(uri, cfg, resume=resume, extra_params=derived_params(cfg, prepared),
+                             changes=changes)
     log(f"MLflow run {run.run_id} in experiment '{cfg.tracking.experiment}' at {uri}")
-    tracking.log_data_artifacts(uri, run.run_id, cfg, prepared)
+    if not resume:
+        tracking.log_data_artifacts(uri, run.run_id, cfg, prepared)
 
-    storage = t.storage_path or str(Path("~/ray_results").expanduser())
     trainer = build_trainer(cfg, prepared, info, tracking_uri=uri, run_id=run.run_id,
                             name=f"raydir-{run.run_id}", storage_path=storage,
                             loop_callbacks=callbacks)
     out, _ = fit_and_finish(trainer, uri, run.run_id, cfg, prepared, info, log=log,
-                            failure_hint=f"training failed; continue it from its last checkpoint "
-                                         f"with `raydir train --config ... --resume {run.run_id}`")
+                            experiment_path=f"{storage.rstrip('/')}/raydir-{run.run_id}",
+                            progress=True,
+                            failure_hint=f"continue it from its last checkpoint with `raydir "
+                                         f"train --config ... --resume {run.run_id}`")
     return out
 
 
 def fit_and_finish(trainer, uri: str, run_id: str, cfg: Config, prepared, info: ModelInfo, *,
-                   failure_hint: str = "", log: Callable[[str], Any] = print) -> tuple[dict, dict]:
-    """Fit; on any error mark the MLflow run FAILED (and say how to go on), else log the test
-    results and the model. Returns the run's result dict and the final checkpoint's content."""
-    from raydir import tracking
+                   failure_hint: str = "", experiment_path: str = "", progress: bool = False,
+                   log: Callable[[str], Any] = print) -> tuple[dict, dict]:
+    """Fit; on Ctrl-C mark the MLflow run KILLED, on any other error FAILED (and say how to go
+    on), else log the test results and the model. Returns the run's result dict and the final
+    checkpoint's content. ``progress``: print one line per epoch (``tracking.EpochPrinter``).
 
+    Every epoch that Ray Train checkpointed is in the run's history when it stops: the
+    controller logs each report as it registers it, and the reports registered but not yet
+    logged when an interrupt lands are logged from Ray Train's checkpoint record here.
+    """
+    from raydir import tracking
+    from raydir.runtime import checkpointed_reports
+
+    printer = tracking.EpochPrinter(uri, run_id, cfg.total_epochs, log=log) if progress else None
     try:
-        result = trainer.fit()
+        result = _fit_in_thread(trainer, printer)
         if result.error:
             raise result.error
-    except BaseException:
-        tracking.end_run(uri, run_id, status="FAILED")
+    except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        if interrupted:
+            import ray
+
+            ray.shutdown()  # stops the controller: nothing logs behind the backfill below
+        if experiment_path:
+            tracking.log_missing_epochs(uri, run_id, checkpointed_reports(experiment_path))
+        tracking.end_run(uri, run_id, status="KILLED" if interrupted else "FAILED")
         if failure_hint:
-            log(failure_hint)
+            log(f"{'interrupted' if interrupted else 'training failed'}; {failure_hint}")
         raise
     final, per_bin = load_final(result.checkpoint)
     out = tracking.finish_run(uri, run_id, cfg, prepared, info, final, per_bin)
     out["checkpoint_path"] = result.checkpoint.path
     return out, final
+
+
+def _fit_in_thread(trainer, printer=None):
+    """``trainer.fit()`` in a thread while this one waits, printing epoch lines.
+
+    Ctrl-C then reaches the waiting thread as KeyboardInterrupt (Ray Train turns SIGINT into
+    a graceful abort with ``sys.exit`` when ``fit`` runs in the main thread, which cannot be
+    told from other exits).
+    """
+    import threading
+
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="raydir-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=1.0)
+        if printer is not None:
+            try:
+                printer.poll()
+            except Exception:  # noqa: BLE001 - the console line is best effort; MLflow has the data
+                pass
+    if "error" in box:
+        raise box["error"]
+    if printer is not None:
+        printer.poll()
+    return box["result"]
 
 
 def derived_params(cfg: Config, prepared) -> dict:
@@ -286,7 +303,7 @@ def build_trainer(cfg: Config, prepared, info: ModelInfo, *, tracking_uri: str, 
             for i, piece in enumerate(future.result()):
                 datasets[f"{split}_{i}"] = piece
     for ds in datasets.values():
-        ds.context.enable_progress_bars = False  # workers print one line per epoch instead
+        ds.context.enable_progress_bars = False  # the driver prints one line per epoch instead
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "model_info": info.to_dict(), "sizes": prepared.sizes,

@@ -29,12 +29,12 @@ import hashlib
 import itertools
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from raydir.config import SPACE_KINDS, Config, tune_metric_mode
+from raydir.tracking import alias_decision, better  # noqa: F401 - alias_decision is public here too
 
 OBJECTIVE = "objective"          # the sweep metric of one epoch, as Tune sees it
 EPOCHS_DONE = "epochs_done"      # ASHA's time axis (survives a trial's resume, unlike iterations)
@@ -72,8 +72,7 @@ def metric_mode(cfg: Config) -> str:
     return tune_metric_mode(cfg.tune.metric) if cfg.tune.mode == "auto" else cfg.tune.mode
 
 
-def _better(a: float, b: float, mode: str) -> bool:
-    return a < b if mode == "min" else a > b
+_better = better  # one rule for sweeps and the registry (raydir.tracking)
 
 
 # -- the search space ----------------------------------------------------------------------
@@ -204,8 +203,9 @@ def sweep_name(cfg: Config) -> str:
 
 
 def storage_root(cfg: Config) -> str:
-    root = cfg.tune.storage_path or cfg.train.storage_path or "~/ray_results"
-    return root if "://" in root else str(Path(root).expanduser().resolve())
+    from raydir.runtime import storage_root as root
+
+    return root(cfg.tune.storage_path or cfg.train.storage_path)
 
 
 # -- trial side ------------------------------------------------------------------------------
@@ -363,14 +363,14 @@ def run_sweep(cfg: Config, *, log: Callable[[str], Any] = print,
 
     from raydir import tracking
     from raydir.data.pipeline import cache_key, prepare
-    from raydir.train import ensure_ray
+    from raydir.runtime import connect_ray, tracking_uri_checked
+
 
     started = time.perf_counter()
     n_grid = check_trial_values(cfg)
     mode = metric_mode(cfg)
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    tracking.check_tracking_uri(uri)  # before any Ray or data work
-    ensure_ray(trial_resources(cfg)["CPU"] + DATA_CPU)
+    uri = tracking_uri_checked(cfg.tracking.uri)  # before any Ray or data work
+    connect_ray(trial_resources(cfg)["CPU"] + DATA_CPU)
     concurrency = check_resources(cfg, ray.cluster_resources(), log)
 
     sweep, root = sweep_name(cfg), storage_root(cfg)
@@ -576,40 +576,12 @@ def _finish_parent(uri: str, run_id: str, out: dict, rows: list[dict]) -> None:
 
 
 # -- registry ---------------------------------------------------------------------------------
-def alias_decision(new_value: float, holder: dict | None, *, metric: str, data_key: str,
-                   mode: str) -> tuple[bool, str]:
-    """Whether the alias moves to a new version whose val ``metric`` is ``new_value``.
-
-    ``holder`` is the version holding the alias now, with its tags (``raydir.val_metric``,
-    ``raydir.val_value``, ``raydir.val_data``), or None. It moves only when there is no holder,
-    or the holder was scored on the same metric and the same validation data and the new
-    value is strictly better.
-    """
-    if holder is None:
-        return True, "no version holds it yet"
-    tags = holder.get("tags", {})
-    if tags.get("raydir.val_metric") != metric:
-        return False, (f"version {holder['version']} was not scored on val {metric} (its tag "
-                       f"raydir.val_metric is {tags.get('raydir.val_metric')!r}), so the two "
-                       f"cannot be compared")
-    if tags.get("raydir.val_data") != data_key:
-        return False, (f"version {holder['version']} was scored on other validation data "
-                       f"(data key {tags.get('raydir.val_data')!r}, this sweep {data_key!r})")
-    old = float(tags["raydir.val_value"])
-    if _better(new_value, old, mode):
-        return True, f"val {metric} {new_value:.4f} beats {old:.4f} of version {holder['version']}"
-    return False, (f"val {metric} {new_value:.4f} does not beat {old:.4f} of version "
-                   f"{holder['version']}")
-
-
 def register_best(uri: str, cfg: Config, best: dict, *, data_key: str, sweep_run_id: str,
                   mode: str, log: Callable = print) -> dict:
     """Register the best trial's model (once per run) and move the alias if it beats the holder."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+    from raydir.tracking import register_version
 
-    name, alias, metric = cfg.tracking.register_name, cfg.tune.alias, cfg.tune.metric
+    name, alias = cfg.tracking.register_name, cfg.tune.alias
     if not name:
         msg = "tracking.register_name is empty: the best model is not registered and no alias moves."
         log(msg)
@@ -618,49 +590,21 @@ def register_best(uri: str, cfg: Config, best: dict, *, data_key: str, sweep_run
     if not cfg.tune.log_models:
         raise SweepError("tune.log_models is false, so the best trial has no model to register; "
                          "set it true or leave tracking.register_name empty.")
-    client = MlflowClient(uri)
-    run_id = best[RUN_ID]
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if existing:
-        version = int(existing[0].version)
-    else:
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        version = int(mlflow.register_model(f"runs:/{run_id}/model", name).version)
-    value = float(best[OBJECTIVE])
-    for key, tag in {"raydir.val_metric": metric, "raydir.val_value": repr(value),
-                     "raydir.val_data": data_key, "raydir.sweep_run_id": sweep_run_id}.items():
-        client.set_model_version_tag(name, str(version), key, tag)
-
-    try:
-        mv = client.get_model_version_by_alias(name, alias)
-        holder = {"version": int(mv.version), "run_id": mv.run_id, "tags": dict(mv.tags)}
-    except MlflowException:
-        holder = None
-    if holder is not None and holder["version"] == version:
-        moved, why = False, f"version {version} already holds it"
-    else:
-        moved, why = alias_decision(value, holder, metric=metric, data_key=data_key, mode=mode)
-    if moved:
-        client.set_registered_model_alias(name, alias, str(version))
-        msg = f"alias '{alias}' moved to {name} version {version}: {why}."
-    else:
-        msg = f"alias '{alias}' not moved (stays on version {holder['version']}): {why}."
-    log(f"registered models:/{name}/{version}; {msg}")
+    out = register_version(uri, name, alias, best[RUN_ID], value=float(best[OBJECTIVE]),
+                           metric=cfg.tune.metric, data_key=data_key, mode=mode,
+                           tags={"raydir.sweep_run_id": sweep_run_id})
+    version = out["version"]
+    log(f"registered models:/{name}/{version}; {out['message']}")
     return {"registered_model": {"name": name, "version": version},
-            "alias": {"name": alias, "moved": moved, "message": msg,
-                      "version": version if moved else holder["version"],
-                      "previous_version": holder["version"] if holder else None}}
+            "alias": {"name": alias, "moved": out["moved"], "message": out["message"],
+                      "version": version if out["moved"] else out["holder"],
+                      "previous_version": out["holder"]}}
 
 
 # -- CLI ---------------------------------------------------------------------------------------
 def tune_main(cfg: Config, args) -> int:
     """``raydir tune``: run or resume the sweep, print the table, write ``--result-file``."""
-    try:
-        out = run_sweep(cfg)
-    except (SweepError, ConnectionError) as exc:
-        print(f"raydir: tune error: {exc}", file=sys.stderr)
-        return 2
+    out = run_sweep(cfg)  # a SweepError is a user mistake: one line, exit code 2 (raydir.cli)
     keys = list(normalized_space(cfg))
     print(trials_frame(out["trials"], keys).drop(columns=[RUN_ID], errors="ignore")
           .to_string(index=False, float_format=lambda v: f"{v:.4f}"))

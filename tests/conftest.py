@@ -82,7 +82,7 @@ def ray_session():
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
-        from raydir.train import local_ray_environment
+        from raydir.runtime import local_ray_environment
 
         local_ray_environment()  # what `raydir train` sets for the local Ray it starts
         # the dashboard as `raydir train` starts it (Ray Train's placement-group cleaner needs it)

@@ -66,6 +66,7 @@ def test_predict_keeps_columns_and_order_and_matches_pyfunc(tmp_path, tracking_e
     (tmp_path / "in").mkdir()
     for i, part in enumerate(np.array_split(np.arange(3000), 3)):  # several blocks
         df.iloc[part].to_parquet(tmp_path / "in" / f"part-{i}.parquet")
+    (tmp_path / "out").mkdir()  # predict does not create a missing folder
     out = tmp_path / "out" / "pred.parquet"
     summary = predict(f"models:/{NAME}@champion", str(tmp_path / "in"), str(out),
                       batch_size=500, num_actors=2)
