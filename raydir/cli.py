@@ -49,6 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="read, bin, weight and cache the data; print a summary")
     _add_config_args(p)
+
+    p = sub.add_parser("bench", help="methods x seeds on a benchmark suite: tables with 95%% CIs, "
+                                     "paired tests, published numbers beside")
+    p.add_argument("--suite", required=True, help="synthetic | sts-b-dir | sts-b-dir-glove | "
+                                                  "agedb-dir | imdb-wiki-dir | table")
+    p.add_argument("--methods", nargs="+", default=["vanilla", "lds", "fds", "lds_fds"],
+                   help="method presets, combinable with '+' (e.g. lds_fds+ranksim)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method (0..N-1)")
+    p.add_argument("--config", help="YAML merged over the suite's base config (table: the data)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--out", help="output folder (default bench_results/<suite>-<hash>)")
     return parser
 
 
@@ -67,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         from raydir.predict import predict_main
 
         return predict_main(args)
+    if args.command == "bench":
+        from raydir.bench.runner import bench_main
+
+        return bench_main(args)
     try:
         cfg = Config.from_yaml(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as exc:
