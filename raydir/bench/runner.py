@@ -15,7 +15,8 @@ One bench = one Tune experiment = one MLflow parent run with a nested run per tr
 Re-running the same command (same suite, config, methods and seeds: the same
 ``raydir-bench-<hash>`` experiment) resumes an interrupted bench with ``Tuner.restore``:
 finished trials are kept, unfinished ones run (their Ray Train runs continue from their last
-checkpoint). A trial that failed stays failed and is marked in the table; the others complete.
+checkpoint), and trials that failed are tried again. A trial that fails is marked in the table;
+the others complete.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from raydir.bench.presets import check_methods, method_config
+from raydir.bench.presets import check_methods, method_config, preset_overrides
 from raydir.bench.suites import get_suite, suite_carve, suite_config
 from raydir.config import Config
 
@@ -109,7 +110,7 @@ def _per_bin_of_run(uri: str, run_id: str):
         return pd.read_csv(path)
 
 
-def _bench_trial(values: dict, *, base: dict, prepared: dict, infos: dict, uri: str,
+def _bench_trial(values: dict, *, base: dict, overrides: dict, prepared: dict, infos: dict, uri: str,
                  parent_run_id: str, bench: str, train_storage: str, carve: list,
                  densities: dict) -> None:
     """One (method, seed): its config, nested run, TorchTrainer, and its metrics reported."""
@@ -124,7 +125,9 @@ def _bench_trial(values: dict, *, base: dict, prepared: dict, infos: dict, uri: 
 
     method, seed = values["method"], int(values["seed"])
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = method_config(method, Config.from_dict(base), trial_overrides(seed, f"{method} seed {seed}"))
+    # the method's overrides were resolved and validated on the driver
+    cfg = Config.from_dict(base).with_overrides({**overrides[method],
+                                                 **trial_overrides(seed, f"{method} seed {seed}")})
     key = cache_key(cfg)
     data = prepared[key].reweighted(cfg.reweight, log=lambda _msg: None)
     run, resumed = _child_run(uri, cfg, parent_run_id, trial_id, bench, method, seed)
@@ -284,7 +287,8 @@ def run_bench(plan: dict, out_dir: str | Path, *, log: Callable[[str], Any] = pr
         f"{len(plan['seeds'])} seed(s) = {total} trials, {concurrency} at a time; MLflow parent "
         f"run {parent.run_id}; Tune experiment {path}")
     trainable = tune.with_resources(tune.with_parameters(
-        _bench_trial, base=base.to_dict(), prepared=prepared, infos=infos, uri=uri,
+        _bench_trial, base=base.to_dict(), prepared=prepared,
+        overrides={m: preset_overrides(m, base) for m in plan["methods"]}, infos=infos, uri=uri,
         parent_run_id=parent.run_id, bench=name, train_storage=f"{path}/train_runs",
         carve=suite_carve(base), densities=_densities(base, base_data.train_counts)),
         {"CPU": TRIAL_DRIVER_CPU})
@@ -292,7 +296,7 @@ def run_bench(plan: dict, out_dir: str | Path, *, log: Callable[[str], Any] = pr
         _progress_callback(total, metric), *(callbacks or [])])
     if restoring:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
-                                   restart_errored=False)
+                                   restart_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space={"method": tune.grid_search(plan["methods"]),
                                                    "seed": tune.grid_search(plan["seeds"])},
@@ -395,6 +399,10 @@ def bench_main(args) -> int:
     if result["interrupted"]:
         return 130
     print(result["markdown"])
+    if not any(r["status"] == "completed" for r in result["records"]):
+        print(f"raydir: bench error: no trial completed; see the errors above and the child runs "
+              f"of MLflow run {result['parent_run_id']}.", file=sys.stderr)
+        return 1
     print(f"\nwrote {out_dir}/ (bench.md, summary.csv, trials.csv, per_bin.csv, plots); MLflow "
           f"parent run {result['parent_run_id']}; wall time {result['wall_seconds']:.0f} s")
     return 0
