@@ -17,7 +17,7 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from raydir.config import Config, apply_override, load_yaml_with_base
 
