@@ -99,6 +99,14 @@ def _child_run(uri: str, cfg: Config, parent_run_id: str, trial_id: str, bench: 
     return run, False
 
 
+def _exists(path: str) -> bool:
+    """Whether a file exists in local or URI (s3://, gs://, ...) storage."""
+    import pyarrow.fs as pafs
+
+    fs, inner = pafs.FileSystem.from_uri(path if "://" in path else str(Path(path).resolve()))
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
 def _per_bin_of_run(uri: str, run_id: str):
     import tempfile
 
@@ -114,6 +122,7 @@ def _bench_trial(values: dict, *, base: dict, overrides: dict, prepared: dict, i
                  parent_run_id: str, bench: str, train_storage: str, carve: list,
                  densities: dict) -> None:
     """One (method, seed): its config, nested run, TorchTrainer, and its metrics reported."""
+    import ray.train
     import ray.tune
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
@@ -121,7 +130,7 @@ def _bench_trial(values: dict, *, base: dict, overrides: dict, prepared: dict, i
     from raydir import tracking
     from raydir.bench.stats import trial_metrics
     from raydir.data.pipeline import cache_key
-    from raydir.train import build_trainer, derived_params, fit_and_finish
+    from raydir.train import FINAL_FILE, build_trainer, derived_params, fit_and_finish, load_final
 
     method, seed = values["method"], int(values["seed"])
     trial_id = ray.tune.get_context().get_trial_id()
@@ -135,9 +144,16 @@ def _bench_trial(values: dict, *, base: dict, overrides: dict, prepared: dict, i
         MlflowClient(uri).log_batch(run.run_id, params=[
             Param(k, str(v)) for k, v in derived_params(cfg, data).items()])
         tracking.log_data_artifacts(uri, run.run_id, cfg, data)
-    trainer = build_trainer(cfg, data, infos[key], tracking_uri=uri, run_id=run.run_id,
-                            name=trial_id, storage_path=train_storage)
-    out, _ = fit_and_finish(trainer, uri, run.run_id, cfg, data, infos[key])
+    final_dir = f"{train_storage}/{trial_id}/final"
+    if resumed and _exists(f"{final_dir}/{FINAL_FILE}"):
+        # interrupted after training had ended: its last checkpoint is the final one, which
+        # holds the tested model rather than a training state; finish from it
+        final, per_bin_csv = load_final(ray.train.Checkpoint(final_dir))
+        out = tracking.finish_run(uri, run.run_id, cfg, data, infos[key], final, per_bin_csv)
+    else:
+        trainer = build_trainer(cfg, data, infos[key], tracking_uri=uri, run_id=run.run_id,
+                                name=trial_id, storage_path=train_storage)
+        out, _ = fit_and_finish(trainer, uri, run.run_id, cfg, data, infos[key])
     per_bin = _per_bin_of_run(uri, run.run_id)
     counts = densities["density"]
     metrics = trial_metrics(out["test"], per_bin, counts, carve=carve, densities=densities)
