@@ -7,7 +7,7 @@ STAMP := $(VENV)/.raydir-installed
 EXTRAS ?= dev,text,vision
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench bench-quick clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ test-fast: $(STAMP)
 # Vanilla vs LDS+FDS on synthetic data, 2 Ray Train workers, local Ray, SQLite MLflow.
 demo: $(STAMP)
 	$(PY) -m raydir.demo
+
+# Quality regression check: the synthetic suite (carved interpolation / extrapolation ranges),
+# 3 seeds x vanilla / lds / fds / lds_fds, under 10 minutes on 2 cores. Table in bench_results/quick.
+BENCH_METHODS ?= vanilla lds fds lds_fds
+bench-quick: $(STAMP)
+	$(PY) -m raydir.cli bench --suite synthetic --seeds 3 --methods $(BENCH_METHODS) \
+		--config jobs/configs/bench/quick.yaml --out bench_results/quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .raydir_cache

@@ -84,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("prepare", "read, bin, weight and cache the data; print a summary")
     _add_config_args(p)
+
+    p = command("bench", "methods x seeds on a benchmark suite: tables with 95%% CIs, paired "
+                         "tests, published numbers beside")
+    p.add_argument("--suite", required=True, help="synthetic | sts-b-dir | sts-b-dir-glove | "
+                                                  "agedb-dir | imdb-wiki-dir | table")
+    p.add_argument("--methods", nargs="+", default=["vanilla", "lds", "fds", "lds_fds"],
+                   help="method presets, combinable with '+' (e.g. lds_fds+ranksim)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method (0..N-1)")
+    p.add_argument("--config", help="YAML merged over the suite's base config (table: the data)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--out", help="output folder (default bench_results/<suite>-<hash>)")
     return parser
 
 
@@ -132,6 +144,10 @@ def _run(args) -> int:
         from raydir.predict import predict_main
 
         return predict_main(args)
+    if args.command == "bench":
+        from raydir.bench.runner import bench_main
+
+        return bench_main(args)
     cfg = Config.from_yaml(args.config, args.overrides)
     from raydir.runtime import preflight
 
