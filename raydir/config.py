@@ -247,6 +247,7 @@ SWEEPABLE = (
     "conr.omega", "conr.eps", "srl.weight", "srl.w_con", "srl.w_uni", "srl.w_smo",
     "srl.temperature",
     "model.dropout", "train.lr", "train.weight_decay", "train.batch_size",
+    "method",  # a named method (raydir.bench.presets, e.g. lds_fds, bmc, lds+ranksim): its keys
 )
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")  # one per swept key
 # Validation metrics a sweep can optimise; "a+b" optimises the mean of the terms (same direction).

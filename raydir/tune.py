@@ -150,9 +150,26 @@ def expected_trials(cfg: Config) -> int:
     return n
 
 
+def trial_config(cfg: Config, values: dict) -> Config:
+    """``cfg`` with a trial's values; a ``method`` value (a preset of
+    :mod:`raydir.bench.presets`, e.g. ``lds_fds`` or ``bmc+ranksim``) expands to its keys,
+    then the other swept keys apply over it."""
+    values = dict(values)
+    method = values.pop("method", None)
+    if method is not None:
+        from raydir.bench.presets import preset_overrides
+
+        over = preset_overrides(str(method), cfg)
+        if any(k.startswith("resample.") for k in over):
+            raise ValueError(f"method {method!r} resamples the training data, which a sweep "
+                             f"prepares once for all trials; compare it with `raydir bench`.")
+        values = {**over, **values}
+    return cfg.with_overrides(values)
+
+
 def _check_one(cfg: Config, values: dict) -> None:
     try:
-        cfg.with_overrides(values)
+        trial_config(cfg, values)
     except ValueError as exc:
         raise SweepError(f"the trial {values} would not be a valid config: {exc}") from None
 
@@ -262,8 +279,8 @@ def _trial_fn(values: dict, *, base: dict, prepared, info, uri: str, parent_run_
     ctx = ray.tune.get_context()
     trial_id = ctx.get_trial_id()
     label = ",".join(f"{k}={_fmt(v)}" for k, v in values.items())
-    cfg = Config.from_dict(base).with_overrides(
-        {**values, "tracking.run_name": f"{trial_id} {label}"[:250], "tracking.register_name": "",
+    cfg = trial_config(Config.from_dict(base), values).with_overrides(
+        {"tracking.run_name": f"{trial_id} {label}"[:250], "tracking.register_name": "",
          "tracking.log_model": Config.from_dict(base).tune.log_models})
     run, resumed = _child_run(uri, cfg, parent_run_id, trial_id, sweep, values)
     trial_prepared = prepared.reweighted(cfg.reweight, log=lambda _msg: None)
@@ -605,14 +622,23 @@ def register_best(uri: str, cfg: Config, best: dict, *, data_key: str, sweep_run
 def tune_main(cfg: Config, args) -> int:
     """``raydir tune``: run or resume the sweep, print the table, write ``--result-file``."""
     out = run_sweep(cfg)  # a SweepError is a user mistake: one line, exit code 2 (raydir.cli)
-    keys = list(normalized_space(cfg))
-    print(trials_frame(out["trials"], keys).drop(columns=[RUN_ID], errors="ignore")
-          .to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(ranking_table(out["trials"], list(normalized_space(cfg)), metric_mode(cfg)))
     if out["interrupted"]:
         return 130
     if getattr(args, "result_file", None):
         write_result(args.result_file, out)
     return 0
+
+
+def ranking_table(rows: list[dict], keys: list[str], mode: str) -> str:
+    """The trials best first on the sweep metric (``rank`` 1 = the trial registered when it
+    beats the alias holder); trials without a value (failed, stopped early) last."""
+    df = trials_frame(rows, keys).drop(columns=[RUN_ID], errors="ignore")
+    if OBJECTIVE in df:
+        df = df.sort_values(OBJECTIVE, ascending=(mode == "min"), na_position="last",
+                            kind="stable")
+        df.insert(0, "rank", range(1, len(df) + 1))
+    return df.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
 def write_result(path: str, out: dict) -> None:

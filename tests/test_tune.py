@@ -288,3 +288,26 @@ def test_asha_stops_trials_that_cannot_learn(tmp_path, ray_session):
 
 def _live_placement_groups(ray):
     return [pg["bundles"] for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+
+
+def test_method_sweep_expands_presets_and_ranks_best_first():
+    """`tune.space.method` takes the bench's named presets: each trial gets the preset's keys
+    (then the other swept keys), resampling presets are refused before the sweep, and the
+    printed table ranks the trials best first on the sweep metric."""
+    from raydir.tune import ranking_table, trial_config
+
+    cfg = Config.from_yaml(REPO / "jobs" / "configs" / "tune_methods.yaml")
+    assert check_trial_values(cfg) == len(cfg.tune.space["method"]["grid"])
+    c = trial_config(cfg, {"method": "lds+ranksim", "train.lr": 0.01})
+    assert (c.reweight.scheme, c.reweight.lds, c.ranksim.weight, c.train.lr) == ("sqrt_inv", True, 100.0, 0.01)
+    assert trial_config(cfg, {"method": "vanilla"}).to_flat_dict() == cfg.to_flat_dict()
+    with pytest.raises(SweepError, match="resamples the training data"):
+        check_trial_values(cfg.with_overrides({"tune.space": {"method": {"grid": ["vanilla", "smoter"]}}}))
+    with pytest.raises(SweepError, match="unknown method 'nope'"):
+        check_trial_values(cfg.with_overrides({"tune.space": {"method": {"grid": ["nope"]}}}))
+    rows = [{"trial_id": "a", "status": "completed", "method": "vanilla", "objective": 3.0},
+            {"trial_id": "b", "status": "error", "method": "bmc", "objective": float("nan")},
+            {"trial_id": "c", "status": "completed", "method": "lds", "objective": 2.0}]
+    lines = ranking_table(rows, ["method"], "min").splitlines()
+    assert [line.split()[1] for line in lines[1:]] == ["c", "a", "b"]
+    assert [line.split()[0] for line in lines[1:]] == ["1", "2", "3"]
