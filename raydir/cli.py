@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True,
                    help="out.parquet or out.csv: one file in input order; a folder or s3:// "
                         "prefix: Parquet shards written in parallel")
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per model call (default: from the row size, 65,536 for narrow tables)")
     p.add_argument("--num-actors", type=int, default=1, help="model replicas in the actor pool")
 
     p = command("prepare", "read, bin, weight and cache the data; print a summary")

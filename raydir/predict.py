@@ -222,16 +222,28 @@ def _write_single_file(ds, output: str, fmt: str) -> int:
     return rows
 
 
-def predict(model_uri: str, input_path: str, output: str, *, batch_size: int = 1024,
+def default_batch_rows(info: ModelInfo) -> int:
+    """Rows per model call from the size of an input row (:func:`raydir.perf.predict_batch_rows`:
+    the per-call cost of the pyfunc is fixed, so small rows go in large batches)."""
+    from raydir.perf import predict_batch_rows
+
+    row_bytes = {"image": 3 * 224 * 224 * 4, "tokens": 4096}.get(
+        info.input_kind, 8 * max(1, len(info.raw_columns)))
+    return predict_batch_rows(row_bytes)
+
+
+def predict(model_uri: str, input_path: str, output: str, *, batch_size: int | None = None,
             num_actors: int = 1, log: Callable[[str], Any] = print) -> dict:
     """Batch predictions of a registered model; returns a summary dict.
 
     ``output``: see :func:`output_plan` (checked first, with the services and the model).
+    ``batch_size``: rows per model call; None sizes it from the input row
+    (:func:`default_batch_rows`).
     """
     import ray
     import ray.data
 
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size should be a positive integer; got {batch_size}.")
     if num_actors < 1:
         raise UserError(f"--num-actors should be a positive integer; got {num_actors}.")
@@ -248,6 +260,7 @@ def predict(model_uri: str, input_path: str, output: str, *, batch_size: int = 1
     if schema is None:
         raise UserError(f"--input '{input_path}' holds no rows.")
     columns = _needed_columns(info, list(schema.names))               # [2] check
+    batch_size = batch_size or default_batch_rows(info)
 
     ds.context.execution_options.preserve_order = layout == "file"  # output rows in input order
     t0 = time.perf_counter()

@@ -55,8 +55,11 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from raydir.perf import set_worker_threads
+
     _quiet_report_log()
     cfg = Config.from_dict(config["cfg"])
+    set_worker_threads(cfg.train.cpus_per_worker)  # torch threads = the CPUs this worker holds
     info = ModelInfo.from_dict(config["model_info"])
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()

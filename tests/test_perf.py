@@ -38,3 +38,21 @@ def test_predict_batch_rows_is_a_bounded_power_of_two():
     for row_bytes in (1, 100, 3000, 70_000, 10**7):
         rows = predict_batch_rows(row_bytes)
         assert rows & (rows - 1) == 0 and 16 <= rows <= 65536
+
+
+def test_predict_batch_size_defaults_from_the_row_size():
+    """`raydir predict` without --batch-size: narrow tables in 64k-row calls, images small."""
+    import numpy as np
+
+    from raydir.bins import Bins, ShotRegions
+    from raydir.data.base import ModelInfo
+    from raydir.predict import default_batch_rows
+
+    def info(kind, columns):
+        return ModelInfo(input_kind=kind, input_columns=["features"], raw_columns=columns,
+                         num_features=len(columns), bins=Bins.uniform(0, 1, 2),
+                         shots=ShotRegions.from_counts(np.array([200, 5])))
+
+    assert default_batch_rows(info("features", [f"x{i}" for i in range(16)])) == 65536
+    assert default_batch_rows(info("features", [f"x{i}" for i in range(4096)])) == 256
+    assert default_batch_rows(info("image", ["path"])) == 16
