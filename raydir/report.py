@@ -212,3 +212,32 @@ def plot_bench_per_bin(per_bin, edges: np.ndarray, train_counts: np.ndarray, pat
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_metric_vs_params(rows: list[dict], keys: list[str], label: str, path: Path, *,
+                          value_key: str = "objective") -> None:
+    """One panel per swept key: the sweep metric (``value_key`` of each trial row, axis title
+    ``label``) against that key's value; completed trials as dots, stopped ones as crosses."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        values = [r.get(key) for r in rows]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        cats = sorted({str(v) for v in values})
+        for status, marker in (("completed", "o"), ("stopped_early", "x")):
+            pts = [(r.get(key), r[value_key]) for r in rows
+                   if r["status"] == status and r.get(value_key) is not None]
+            if not pts:
+                continue
+            xs = [p[0] if numeric else cats.index(str(p[0])) for p in pts]
+            ax.scatter(xs, [p[1] for p in pts], marker=marker, label=status.replace("_", " "))
+        if not numeric:
+            ax.set_xticks(range(len(cats)), cats, rotation=45 if len(cats) > 4 else 0,
+                          ha="right" if len(cats) > 4 else "center", fontsize=8)
+        ax.set_xlabel(key)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{label} per swept value")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

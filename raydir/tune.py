@@ -537,37 +537,6 @@ def trials_frame(rows: list[dict], keys: list[str]):
     return df[[c for c in first if c in df] + [c for c in df if c not in first]]
 
 
-def plot_metric_vs_params(rows: list[dict], keys: list[str], metric: str, path: Path) -> None:
-    """One panel per swept key: the sweep metric of every trial against that key's value
-    (completed trials as dots, trials stopped early as crosses)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        values = [r.get(key) for r in rows]
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        cats = sorted({str(v) for v in values})
-        for status, marker in (("completed", "o"), ("stopped_early", "x")):
-            pts = [(r.get(key), r[OBJECTIVE]) for r in rows
-                   if r["status"] == status and r.get(OBJECTIVE) is not None]
-            if not pts:
-                continue
-            xs = [p[0] if numeric else cats.index(str(p[0])) for p in pts]
-            ax.scatter(xs, [p[1] for p in pts], marker=marker, label=status.replace("_", " "))
-        if not numeric:
-            ax.set_xticks(range(len(cats)), cats)
-        ax.set_xlabel(key)
-        ax.set_ylabel(f"val {metric}")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def _log_sweep_artifacts(uri: str, run_id: str, rows: list[dict], keys: list[str], metric: str) -> None:
     import tempfile
 
@@ -575,7 +544,10 @@ def _log_sweep_artifacts(uri: str, run_id: str, rows: list[dict], keys: list[str
 
     with tempfile.TemporaryDirectory() as d:
         trials_frame(rows, keys).to_csv(Path(d) / "trials.csv", index=False)
-        plot_metric_vs_params(rows, keys, metric, Path(d) / "metric_vs_params.png")
+        from raydir.report import plot_metric_vs_params
+
+        plot_metric_vs_params(rows, keys, f"val {metric}", Path(d) / "metric_vs_params.png",
+                              value_key=OBJECTIVE)
         MlflowClient(uri).log_artifacts(run_id, d)
 
 
