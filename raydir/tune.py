@@ -379,9 +379,8 @@ def run_sweep(cfg: Config, *, log: Callable[[str], Any] = print,
     from ray import tune
 
     from raydir import tracking
-    from raydir.data.pipeline import cache_key, prepare
+    from raydir.data.pipeline import prepare
     from raydir.runtime import connect_ray, tracking_uri_checked
-
 
     started = time.perf_counter()
     n_grid = check_trial_values(cfg)
@@ -408,21 +407,7 @@ def run_sweep(cfg: Config, *, log: Callable[[str], Any] = print,
                              parent_run_id=parent.run_id, sweep=sweep,
                              train_storage=f"{path}/train_runs"),
         {"CPU": TRIAL_DRIVER_CPU})
-    run_config = tune.RunConfig(name=sweep, storage_path=root, callbacks=list(callbacks or []),
-                                verbose=1)
-    if restoring:
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
-                                   restart_errored=True)
-    else:
-        search_alg = _searcher(cfg, OBJECTIVE, mode, concurrency)
-        tuner = tune.Tuner(
-            trainable, param_space=search_space(cfg),
-            tune_config=tune.TuneConfig(
-                metric=OBJECTIVE, mode=mode, num_samples=cfg.tune.num_samples,
-                search_alg=search_alg, scheduler=_scheduler(cfg),
-                max_concurrent_trials=None if cfg.tune.searcher in ("grid", "random") else concurrency),
-            run_config=run_config)
-    grid = tuner.fit()
+    grid = _tuner(cfg, trainable, sweep, root, restoring, mode, concurrency, callbacks).fit()
 
     rows = trial_rows(grid, list(normalized_space(cfg)), cfg.tune.metric, mode)
     unfinished = [r for r in rows if r["status"] == "unfinished"]
@@ -436,13 +421,43 @@ def run_sweep(cfg: Config, *, log: Callable[[str], Any] = print,
             f"{expected_trials(cfg)} trial(s) ended. Re-run the same command to resume it.")
         tracking.end_run(uri, parent.run_id, status="KILLED")
         return out
+    _conclude(cfg, uri, out, log)
+    out["wall_seconds"] = time.perf_counter() - started
+    return out
+
+
+def _tuner(cfg: Config, trainable, sweep: str, root: str, restoring: bool, mode: str,
+           concurrency: int, callbacks: list | None):
+    """A new Tuner for the sweep, or the interrupted one restored from ``root/sweep``."""
+    from ray import tune
+
+    if restoring:
+        return tune.Tuner.restore(f"{root.rstrip('/')}/{sweep}", trainable=trainable,
+                                  resume_unfinished=True, restart_errored=True)
+    return tune.Tuner(
+        trainable, param_space=search_space(cfg),
+        tune_config=tune.TuneConfig(
+            metric=OBJECTIVE, mode=mode, num_samples=cfg.tune.num_samples,
+            search_alg=_searcher(cfg, OBJECTIVE, mode, concurrency), scheduler=_scheduler(cfg),
+            max_concurrent_trials=None if cfg.tune.searcher in ("grid", "random") else concurrency),
+        run_config=tune.RunConfig(name=sweep, storage_path=root, callbacks=list(callbacks or []),
+                                  verbose=1))
+
+
+def _conclude(cfg: Config, uri: str, out: dict, log: Callable[[str], Any]) -> None:
+    """A sweep that ran to its end: close stopped runs, log the table and plot, pick the best
+    completed trial, register it (the alias moves when it beats the holder), close the parent."""
+    from raydir import tracking
+    from raydir.data.pipeline import cache_key
+
+    rows, parent_id, mode = out["trials"], out["parent_run_id"], out["mode"]
     _close_stopped_runs(uri, rows)
-    _log_sweep_artifacts(uri, parent.run_id, rows, list(normalized_space(cfg)), cfg.tune.metric)
+    _log_sweep_artifacts(uri, parent_id, rows, list(normalized_space(cfg)), cfg.tune.metric)
     done = [r for r in rows if r["status"] == "completed"]
     if not done:
-        tracking.end_run(uri, parent.run_id, status="FAILED")
-        raise RuntimeError(f"sweep '{sweep}': no trial completed ({len(rows)} trials; see "
-                           f"{path} and the child runs of MLflow run {parent.run_id}).")
+        tracking.end_run(uri, parent_id, status="FAILED")
+        raise RuntimeError(f"sweep '{out['sweep']}': no trial completed ({len(rows)} trials; see "
+                           f"{out['experiment_path']} and the child runs of MLflow run {parent_id}).")
     best = done[0]
     for r in done[1:]:
         if _better(r["objective"], best["objective"], mode):
@@ -453,12 +468,9 @@ def run_sweep(cfg: Config, *, log: Callable[[str], Any] = print,
         r.pop("_test", None)
     log(f"best trial {best['trial_id']}: val {cfg.tune.metric} = {best['objective']:.4f} with "
         + ", ".join(f"{k}={_fmt(best[k])}" for k in normalized_space(cfg)))
-    reg = register_best(uri, cfg, best, data_key=cache_key(cfg), sweep_run_id=parent.run_id,
-                        mode=mode, log=log)
-    out.update(reg)
-    _finish_parent(uri, parent.run_id, out, rows)
-    out["wall_seconds"] = time.perf_counter() - started
-    return out
+    out.update(register_best(uri, cfg, best, data_key=cache_key(cfg), sweep_run_id=parent_id,
+                             mode=mode, log=log))
+    _finish_parent(uri, parent_id, out, rows)
 
 
 def trial_rows(grid, keys: list[str], metric: str, mode: str) -> list[dict]:
