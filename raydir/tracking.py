@@ -275,6 +275,20 @@ def retry_locked(fn, *args, attempts: int = 30, **kwargs):
             time.sleep(1.0)
 
 
+def latest_run_tagged(uri: str, experiment: str, tag: str, value: str) -> str | None:
+    """The id of the newest run of ``experiment`` whose tag ``tag`` is ``value`` (what a
+    resumed sweep or bench looks its parent run up by), or None."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{tag}` = '{value}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    return found[0].info.run_id if found else None
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     from mlflow.tracking import MlflowClient
 

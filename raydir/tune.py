@@ -349,14 +349,11 @@ def _parent_run(uri: str, cfg: Config, sweep: str, path: str, restoring: bool, l
     from raydir import tracking
 
     client = MlflowClient(uri)
-    if restoring:
-        exp = client.get_experiment_by_name(cfg.tracking.experiment)
-        found = client.search_runs(
-            [exp.experiment_id], filter_string=f"tags.`raydir.sweep_path` = '{path}'",
-            order_by=["attributes.start_time DESC"], max_results=1) if exp else []
-        if found:
-            log(f"resuming sweep '{sweep}' (MLflow parent run {found[0].info.run_id})")
-            return tracking.start_run(uri, cfg, resume=found[0].info.run_id)
+    found = restoring and tracking.latest_run_tagged(uri, cfg.tracking.experiment,
+                                                     "raydir.sweep_path", path)
+    if found:
+        log(f"resuming sweep '{sweep}' (MLflow parent run {found})")
+        return tracking.start_run(uri, cfg, resume=found)
     pcfg = cfg.with_overrides({"tracking.run_name": cfg.tracking.run_name or sweep})
     run = tracking.start_run(uri, pcfg)
     for key, value in {"raydir.role": "sweep", "raydir.sweep": sweep, "raydir.sweep_path": path,

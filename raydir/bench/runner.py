@@ -201,14 +201,11 @@ def _parent_run(uri: str, plan: dict, path: str, restoring: bool, log: Callable)
 
     client = MlflowClient(uri)
     base: Config = plan["base"]
-    if restoring:
-        exp = client.get_experiment_by_name(base.tracking.experiment)
-        found = client.search_runs(
-            [exp.experiment_id], filter_string=f"tags.`raydir.bench_path` = '{path}'",
-            order_by=["attributes.start_time DESC"], max_results=1) if exp else []
-        if found:
-            log(f"resuming bench '{plan['name']}' (MLflow parent run {found[0].info.run_id})")
-            return tracking.start_run(uri, base, resume=found[0].info.run_id)
+    found = restoring and tracking.latest_run_tagged(uri, base.tracking.experiment,
+                                                     "raydir.bench_path", path)
+    if found:
+        log(f"resuming bench '{plan['name']}' (MLflow parent run {found})")
+        return tracking.start_run(uri, base, resume=found)
     run = tracking.start_run(uri, base.with_overrides(
         {"tracking.run_name": base.tracking.run_name or f"bench {plan['suite']} {plan['name'][-10:]}"}))
     for key, value in {"raydir.role": "bench", "raydir.bench": plan["name"], "raydir.bench_path": path,
