@@ -1,10 +1,13 @@
-"""Training on Ray Train: the per-worker loop, evaluation, checkpoints, RRT, and the driver.
+"""Training on Ray Train: the worker (a short composition of :mod:`raydir.loop`) and the
+``TorchTrainer`` driver.
 
-Per worker and epoch: forward -> FDS calibrates features (from ``fds.start_smooth``) -> head
--> weighted loss. FDS statistics of the *uncalibrated* features are gathered during the
-epoch's forward passes (``fds.gather=inflight``) or by a separate no-grad pass after it
-(``extra_pass``, as the reference code does), all-reduced across workers, then smoothed: every
-rank holds what one process would compute on the whole training set.
+The steps themselves (build, restore, one epoch over any iterable of batches, FDS end of epoch,
+evaluate, checkpoint payload, RRT) are plain code in :mod:`raydir.loop`, runnable without Ray;
+this module adds what Ray brings: the dataset shards, DDP, the reports with checkpoints, and on
+the driver the run's preflight checks, the MLflow run, fitting in a thread (Ctrl-C marks the run
+KILLED) and the finished run. FDS statistics of the *uncalibrated* features are all-reduced
+across workers before smoothing, so every rank holds what one process would compute on the
+whole training set. Starting or joining Ray: :mod:`raydir.runtime`.
 """
 
 from __future__ import annotations
