@@ -79,6 +79,8 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resumed after a failure or by `raydir train --resume`
         with checkpoint.as_directory() as d:
+            if not (Path(d) / STATE_FILE).exists():
+                return  # the final checkpoint: training had ended, the driver finishes from it
             state = loop.restore(parts, torch.load(Path(d) / STATE_FILE, map_location=device,
                                                    weights_only=False))
 
