@@ -290,6 +290,7 @@ def test_job_submit_train_then_predict_from_champion(cluster):
     rows = pd.DataFrame(rng.normal(size=(2500, 6)), columns=[f"x{i}" for i in range(6)])
     rows["id"] = np.arange(len(rows))
     rows.to_parquet(tmp / "in.parquet")
+    (tmp / "out").mkdir()  # predict refuses a missing output folder instead of creating it
     pred = _submit(c, ["jobs/predict.py", "--model", f"models:/{name}@champion", "--input",
                        str(tmp / "in.parquet"), "--output", str(tmp / "out" / "pred.parquet"),
                        "--num-actors", "1", "--batch-size", "500"], wd)
