@@ -160,7 +160,8 @@ def _run(args) -> int:
         from raydir.runtime import connect_ray
 
         connect_ray()
-        print(format_prepare_report(prepare(cfg)))
+        # the report repeats what prepare logs (features, warnings): print it once
+        print(format_prepare_report(prepare(cfg, log=lambda _msg: None)))
         return 0
     if args.command == "train":
         return _train(cfg, args)
