@@ -299,7 +299,7 @@ def test_method_sweep_expands_presets_and_ranks_best_first():
     cfg = Config.from_yaml(REPO / "jobs" / "configs" / "tune_methods.yaml")
     assert check_trial_values(cfg) == len(cfg.tune.space["method"]["grid"])
     c = trial_config(cfg, {"method": "lds+ranksim", "train.lr": 0.01})
-    assert (c.reweight.scheme, c.reweight.lds, c.ranksim.weight, c.train.lr) == ("sqrt_inv", True, 100.0, 0.01)
+    assert (c.reweight.scheme, c.reweight.lds, c.ranksim.weight, c.train.lr) == ("sqrt_inv", True, 0.01, 0.01)
     assert trial_config(cfg, {"method": "vanilla"}).to_flat_dict() == cfg.to_flat_dict()
     with pytest.raises(SweepError, match="resamples the training data"):
         check_trial_values(cfg.with_overrides({"tune.space": {"method": {"grid": ["vanilla", "smoter"]}}}))
