@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from benchmarks._report import load_line, save
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def train_steps(args, rank: int, world: int, threads: int | None, out: str | None) -> float:
@@ -132,15 +132,11 @@ def main(argv: list[str] | None = None) -> int:
                          "threads": rs[0]["threads"]}
         print(f"{name:42s}{med:>16.0f}{statistics.median(ratios):>28.2f}x "
               f"[{min(ratios):.2f}, {max(ratios):.2f}]")
-    print(f"load average (1, 5, 15 min): before {tuple(round(v, 1) for v in load_before)}, "
-          f"after {tuple(round(v, 1) for v in load_after)}; {os.cpu_count()} CPUs")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"ddp_scaling_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({
+    print(load_line(load_before, load_after))
+    save("ddp_scaling", {
         "args": vars(args), "summary": summary, "runs": runs, "load_avg_before": load_before,
         "load_avg_after": load_after, "cpus": os.cpu_count(), "platform": platform.platform(),
-        "python": sys.version.split()[0], "torch": torch.__version__}, indent=1))
-    print(f"wrote {path}")
+        "python": sys.version.split()[0], "torch": torch.__version__})
     return 0
 
 

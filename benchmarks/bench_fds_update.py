@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from raydir.bins import Bins
 from raydir.fds import FDS
 from raydir.kernels import kernel_window
+from benchmarks._report import load_line
 
 
 def reference_loop_update(features, labels, running_mean, running_var, window, momentum=0.9):
@@ -212,8 +213,7 @@ def main() -> None:
     load_after = os.getloadavg()
     print(f"speed-up = median of {baseline!r} / median of the row; x sum(0) = the row / "
           f"{floor!r} of the same round (wall; cpu = process CPU time)")
-    print(f"load average (1, 5, 15 min): before {tuple(round(v, 1) for v in load_before)}, "
-          f"after {tuple(round(v, 1) for v in load_after)}; {os.cpu_count()} CPUs")
+    print(load_line(load_before, load_after))
     print(f"vectorised vs masked loop (float32 torch.mean / torch.var): max |mean difference| "
           f"{max_diff:.2e}, max relative variance difference {max_var_rel:.2e}")
 

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchmarks._report import load_line
 
 BINS = dict(start=0.0, stop=100.0, num_bins=100)
 
@@ -174,8 +175,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     print(f"numpy / ray throughput ratio (best, last round): {ratio:.1f}x; counts identical; per "
           f"round: median {sorted(round_ratios)[len(round_ratios) // 2]:.1f}x, range "
           f"[{min(round_ratios):.1f}, {max(round_ratios):.1f}] over {args.rounds} round(s)")
-    print(f"load average (1, 5, 15 min): before {tuple(round(v, 1) for v in load_before)}, "
-          f"after {tuple(round(v, 1) for v in load_after)}; {os.cpu_count()} CPUs")
+    print(load_line(load_before, load_after))
     print(f"ray driver RSS: {ray_res['rss_start_mib']:.0f} MiB at start, "
           f"{ray_res['rss_after_init_mib']:.0f} MiB after ray.init, peak {ray_res['peak_rss_mib']:.0f} MiB; "
           f"numpy RSS after loading the labels {np_res['rss_after_load_mib']:.0f} MiB")

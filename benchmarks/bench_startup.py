@@ -26,15 +26,13 @@ is unchanged):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
-from pathlib import Path
+from benchmarks._report import load_line, save
 
 T_PROCESS = time.time()
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class Phases:
@@ -114,13 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             for n, a, b in sorted(rows, key=lambda r: r[1]):
                 print(f"   {n:32s} at {a - start:6.1f} s  {b - a:6.2f} s")
     load_after = os.getloadavg()
-    print(f"load average (1, 5, 15 min): before {tuple(round(v, 1) for v in load_before)}, "
-          f"after {tuple(round(v, 1) for v in load_after)}; {os.cpu_count()} CPUs")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"startup_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"args": vars(args), "runs": results, "load_avg_before": load_before,
-                                "load_avg_after": load_after, "cpus": os.cpu_count()}, indent=1))
-    print(f"wrote {path}")
+    print(load_line(load_before, load_after))
+    save("startup", {"args": vars(args), "runs": results, "load_avg_before": load_before,
+                     "load_avg_after": load_after, "cpus": os.cpu_count()})
     return 0
 
 

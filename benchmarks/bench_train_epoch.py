@@ -35,7 +35,6 @@ Prints a table and writes JSON to benchmarks/results/train_epoch_<time>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -43,8 +42,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from benchmarks._report import load_line, save
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_INFLIGHT_OVERHEAD = 0.10  # issue 4: in-flight FDS within 10% of vanilla
 
 
@@ -180,14 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         f", per epoch {min(compute[k + '_cpu_per_epoch']) * 100:+.0f}..{max(compute[k + '_cpu_per_epoch']) * 100:+.0f}%)"
         for k in names if k != "vanilla"), flush=True)
     if args.compute_only:
-        print(f"load average (1, 5, 15 min): before {tuple(round(v, 1) for v in load_before)}, "
-              f"after {tuple(round(v, 1) for v in os.getloadavg())}")
-        RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / f"train_epoch_compute_{time.strftime('%Y%m%d-%H%M%S')}.json"
-        path.write_text(json.dumps({"args": vars(args), "compute_only_epoch_s": compute,
-                                    "load_avg_before": load_before,
-                                    "load_avg_after": os.getloadavg()}, indent=1))
-        print(f"wrote {path}")
+        load_after = os.getloadavg()
+        print(load_line(load_before, load_after))
+        save("train_epoch_compute", {"args": vars(args), "compute_only_epoch_s": compute,
+                                     "load_avg_before": load_before, "load_avg_after": load_after})
         return 0
     local_ray_environment()  # as `raydir train` does for the local Ray it starts
     ray.init(num_cpus=max(os.cpu_count() or 1, args.workers + 2), include_dashboard=True,
@@ -249,17 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     if "vanilla" in summary and "vanilla_1w" in summary:
         print(f"2-worker / 1-worker throughput: "
               f"{summary['vanilla']['rows_per_s'] / summary['vanilla_1w']['rows_per_s']:.2f}x")
-    print(f"load average (1, 5, 15 min): before {tuple(round(v, 1) for v in load_before)}, "
-          f"after {tuple(round(v, 1) for v in load_after)}; {os.cpu_count()} CPUs")
+    print(load_line(load_before, load_after))
 
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"train_epoch_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({
-        "args": vars(args), "summary": summary, "compute_only_epoch_s": compute, "runs": runs, "inflight_target_met": verdict,
-        "load_avg_before": load_before, "load_avg_after": load_after,
+    save("train_epoch", {
+        "args": vars(args), "summary": summary, "compute_only_epoch_s": compute, "runs": runs,
+        "inflight_target_met": verdict, "load_avg_before": load_before, "load_avg_after": load_after,
         "cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-    }, indent=1))
-    print(f"wrote {path}")
+    })
     return 0
 
 
