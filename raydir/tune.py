@@ -72,9 +72,6 @@ def metric_mode(cfg: Config) -> str:
     return tune_metric_mode(cfg.tune.metric) if cfg.tune.mode == "auto" else cfg.tune.mode
 
 
-_better = better  # one rule for sweeps and the registry (raydir.tracking)
-
-
 # -- the search space ----------------------------------------------------------------------
 def normalized_space(cfg: Config) -> dict[str, tuple[str, list]]:
     """``{key: (kind, values)}``; a bare list is a grid. Raises when there is nothing to sweep."""
@@ -457,7 +454,7 @@ def _conclude(cfg: Config, uri: str, out: dict, log: Callable[[str], Any]) -> No
                            f"{out['experiment_path']} and the child runs of MLflow run {parent_id}).")
     best = done[0]
     for r in done[1:]:
-        if _better(r["objective"], best["objective"], mode):
+        if better(r["objective"], best["objective"], mode):  # the registry's rule too
             best = r
     out["best"] = best
     out["test"] = best.pop("_test")
