@@ -35,8 +35,6 @@ import math
 
 import numpy as np
 import torch
-from scipy.optimize import brentq
-from scipy.signal import convolve
 from torch import Tensor
 
 from raydir._checks import check_finite, to_numpy_1d
@@ -55,6 +53,8 @@ def silverman_bandwidth(count: int, std: float) -> float:
 def gaussian_practical_support(bw: float, atol: float = 1e-4, xtol: float = 1e-3) -> float:
     """Distance at which the Gaussian density of std ``bw`` falls to ``atol``, found the way
     KDEpy does it (Brent's method with tolerance ``xtol``, plus ``xtol``)."""
+    from scipy.optimize import brentq  # scipy loads when a density is fitted, not on import
+
     def excess(x: float) -> float:
         return math.exp(-0.5 * (x / bw) ** 2) / (bw * math.sqrt(2 * math.pi)) - atol
 
@@ -88,6 +88,8 @@ def dense_grid(count: int, std: float, low: float, high: float, *, bandwidth: fl
 def kde_on_grid(grid: np.ndarray, masses: np.ndarray, bandwidth: float) -> np.ndarray:
     """Gaussian KDE (std ``bandwidth``) of linearly binned ``masses`` by convolution with the
     kernel sampled on the grid spacing out to its practical support (KDEpy's FFTKDE)."""
+    from scipy.signal import convolve
+
     dx = (grid[-1] - grid[0]) / (len(grid) - 1)
     half = int(min(np.floor(gaussian_practical_support(bandwidth) / dx), len(grid)))
     offsets = np.linspace(-dx * half, dx * half, 2 * half + 1)
