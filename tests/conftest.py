@@ -95,3 +95,52 @@ def ray_session():
     yield ray
     if started:
         ray.shutdown()
+
+
+# -- one model trained for the whole session --------------------------------------------------
+TRAINED_NAME = "raydir-test-model"
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, ray_session):
+    """One model trained once per session the way the README does it: ``raydir train --config
+    FILE`` (demo.yaml as base) with MLFLOW_TRACKING_URI set, 2 Ray Train workers, sqrt-inverse
+    LDS + FDS, registered as ``raydir-test-model`` version 1 with alias ``champion``.
+
+    Shared by the tests of the tracked run, the served pyfunc model, predict, evaluate and the
+    README sequence; they read it and add evaluation runs, and none changes its versions or
+    aliases. Returns the config file, the config (with ``tracking.uri``), the tracking URI,
+    the CLI's result file content and its console output.
+    """
+    import contextlib
+    import io
+    import json
+
+    import yaml
+
+    from raydir.cli import main
+    from raydir.config import Config
+
+    tmp = tmp_path_factory.mktemp("trained")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    raw = {"base": str(Path(__file__).resolve().parents[1] / "jobs/configs/demo.yaml"),
+           "data": {"cache_dir": str(tmp / "cache"), "seed": 3,
+                    "synthetic": {"n_train": 600, "num_features": 6, "per_bin_eval": 4, "high": 40.0}},
+           "bins": {"stop": 40.0, "num_bins": 20},
+           "model": {"hidden": [16], "feature_dim": 8},
+           "reweight": {"scheme": "sqrt_inv", "lds": True},
+           "fds": {"enabled": True},
+           "train": {"num_workers": 2, "epochs": 2, "batch_size": 50, "eval_batch_size": 64,
+                     "storage_path": str(tmp / "ray_results"), "cpus_per_worker": 1.0},
+           "tracking": {"experiment": "tests", "register_name": TRAINED_NAME}}
+    path = tmp / "trained.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    console = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(console):
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("RAY_ADDRESS", raising=False)
+        code = main(["train", "--config", str(path), "--result-file", str(tmp / "result.json")])
+    assert code == 0, console.getvalue()
+    return {"tmp": tmp, "config_file": path, "uri": uri, "name": TRAINED_NAME,
+            "cfg": Config.from_yaml(path).with_overrides({"tracking.uri": uri}),
+            "result": json.loads((tmp / "result.json").read_text()), "console": console.getvalue()}

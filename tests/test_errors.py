@@ -385,37 +385,33 @@ def _tiny_demo(tmp: Path, epochs: int = 2) -> Path:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_readme_sequence_train_evaluate_predict_on_champion(tmp_path, ray_session, monkeypatch, capsys):
+def test_readme_sequence_train_evaluate_predict_on_champion(tmp_path, trained, monkeypatch, capsys):
+    """`raydir train` (the session's model, conftest ``trained``), then `raydir evaluate` and
+    `raydir predict` on `models:/NAME@champion`, as the README runs them."""
     import json
 
     import numpy as np
     import pandas as pd
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    config = str(_tiny_demo(tmp_path))
-    assert main(["train", "--config", config, "--result-file", str(tmp_path / "r.json")]) == 0
-    out = capsys.readouterr().out
-    assert "registered model: models:/raydir-demo/1 (@champion)" in out
+    name, out = trained["name"], trained["console"]
+    assert f"registered model: models:/{name}/1 (@champion)" in out
     assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch ")] == ["1/2", "2/2"]
-    result = json.loads((tmp_path / "r.json").read_text())
+    result = trained["result"]
     assert result["model_uri"] == f"runs:/{result['run_id']}/model" and result["alias"] == "champion"
 
-    assert main(["evaluate", "--model", "models:/raydir-demo@champion", "--config", config]) == 0
-    assert "models:/raydir-demo/1 on test" in capsys.readouterr().out
-    rows = pd.DataFrame(np.random.default_rng(0).normal(size=(40, 4)), columns=[f"x{i}" for i in range(4)])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["uri"])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = str(trained["config_file"])
+    assert main(["evaluate", "--model", f"models:/{name}@champion", "--config", config]) == 0
+    assert f"models:/{name}/1 on test" in capsys.readouterr().out
+    rows = pd.DataFrame(np.random.default_rng(0).normal(size=(40, 6)), columns=[f"x{i}" for i in range(6)])
     rows["x0"] = np.arange(40, dtype=np.int64)  # an integer column for a float feature
     rows.to_parquet(tmp_path / "rows.parquet")
-    assert main(["predict", "--model", "models:/raydir-demo@champion", "--input",
+    assert main(["predict", "--model", f"models:/{name}@champion", "--input",
                  str(tmp_path / "rows.parquet"), "--output", str(tmp_path / "scored.csv")]) == 0
     scored = pd.read_csv(tmp_path / "scored.csv")  # one CSV file, in input order
     assert list(scored.columns) == [*rows.columns, "prediction"] and len(scored) == 40
     np.testing.assert_array_equal(scored["x0"], np.arange(40))
-
-    # no model logged: the result file says so
-    assert main(["train", "--config", config, "--set", "tracking.log_model=false", "--set", "train.epochs=1",
-                 "--result-file", str(tmp_path / "r2.json")]) == 0
-    assert json.loads((tmp_path / "r2.json").read_text())["model_uri"] is None
 
 
 def _metric_steps(uri: str, run_id: str) -> list[int]:
@@ -426,7 +422,9 @@ def _metric_steps(uri: str, run_id: str) -> list[int]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ctrl_c_marks_killed_keeps_history_and_resumes_at_the_next_epoch(tmp_path):
+def test_ctrl_c_marks_killed_keeps_history_and_resumes_at_the_next_epoch(tmp_path, ray_session):
+    """`raydir train` as a subprocess against an already running Ray (the session's, through
+    RAY_ADDRESS): Ctrl-C, then `--resume`."""
     import signal
 
     from mlflow.tracking import MlflowClient
@@ -436,9 +434,10 @@ def test_ctrl_c_marks_killed_keeps_history_and_resumes_at_the_next_epoch(tmp_pat
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     epochs = 40
     config = str(_tiny_demo(tmp_path, epochs=epochs))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "raydir.cli", "train", "--config", config, "--set", "tracking.alias="]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO),
+           "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "raydir.cli", "train", "--config", config, "--set", "tracking.alias=",
+           "--set", "tracking.log_model=false"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = MlflowClient(uri)
     run_id, deadline = None, time.monotonic() + 240
@@ -462,12 +461,15 @@ def test_ctrl_c_marks_killed_keeps_history_and_resumes_at_the_next_epoch(tmp_pat
     assert max(steps) >= last  # every checkpointed epoch is in the history
     assert max(steps) < epochs - 1
 
-    resumed = subprocess.run([*cmd, "--resume", run_id], env=env, capture_output=True, text=True,
-                             timeout=600)
+    resumed = subprocess.run([*cmd, "--resume", run_id, "--result-file", str(tmp_path / "r.json")],
+                             env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming run {run_id} at epoch {last + 2}/{epochs}" in resumed.stdout
     assert client.get_run(run_id).info.status == "FINISHED"
     assert sorted(_metric_steps(uri, run_id)) == list(range(epochs))  # each epoch exactly once
+    import json
+
+    assert json.loads((tmp_path / "r.json").read_text())["model_uri"] is None  # no model logged
 
 
 TABLE_CASES = [

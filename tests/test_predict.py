@@ -19,10 +19,11 @@ from raydir.predict import check_ray_address, evaluate, evaluate_main, predict
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-NAME = "raydir-predict-test"
+NAME = "raydir-test-model"  # conftest.TRAINED_NAME
 
 
 def _raw(tmp) -> dict:
+    """The data of the session's model (other data for evaluate to read)."""
     return {
         "data": {"source": "synthetic", "cache_dir": str(tmp / "cache"), "seed": 3,
                  "synthetic": {"n_train": 600, "num_features": 6, "per_bin_eval": 4, "high": 40.0}},
@@ -35,16 +36,11 @@ def _raw(tmp) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def registered(tmp_path_factory, ray_session):
-    """A tiny model trained once, registered as version 1 with alias champion."""
-    from raydir.train import run_training
-
-    tmp = tmp_path_factory.mktemp("registry")
-    cfg = Config.from_dict(_raw(tmp))
-    result = run_training(cfg)
-    MlflowClient(cfg.tracking.uri).set_registered_model_alias(NAME, "champion", "1")
-    return {"tmp": tmp, "cfg": cfg, "uri": cfg.tracking.uri, "result": result}
+@pytest.fixture
+def registered(trained):
+    """The session's model (conftest ``trained``): version 1 of NAME, alias champion."""
+    assert trained["name"] == NAME
+    return trained
 
 
 @pytest.fixture
@@ -161,7 +157,7 @@ def test_evaluate_matches_pyfunc_on_raw_columns_and_is_linked(tmp_path, register
     _assert_metrics_close(out["test_metrics"], _pyfunc_reference(registered, cfg))
     # training's own test metrics are the same model on the same rows
     np.testing.assert_allclose(out["test_metrics"]["overall"]["mae"],
-                               registered["result"]["test"]["overall"]["mae"], rtol=1e-5)
+                               registered["result"]["test_metrics"]["overall"]["mae"], rtol=1e-5)
 
     client = MlflowClient(registered["uri"])
     run = client.get_run(out["run_id"])

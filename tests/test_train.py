@@ -41,67 +41,80 @@ def _stats(path):
     return torch.load(path, weights_only=False)
 
 
-def test_fds_statistics_equal_across_ranks_and_one_worker(tmp_path, ray_session):
-    """A 2-worker run and a 1-worker run on the same data end with the same FDS running
-    statistics, and both ranks hold identical statistics. The learning rate is so small that
-    the weights stay put, so the features are a fixed function of the inputs and only the
-    way the data is sharded differs."""
-    fixed = {"lr": 1e-12, "epochs": 2}
-    results = {}
-    for workers in (2, 1):
-        dump = tmp_path / f"dump{workers}"
-        dump.mkdir()
-        cfg = small_config(tmp_path, fds={"enabled": True, "start_update": 0, "start_smooth": 1},
-                           train={**fixed, "num_workers": workers},
-                           tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "log_model": False})
-        run_training(cfg, callbacks=[DumpFDS(str(dump))])
-        results[workers] = dump
-    last = 1
-    two = [_stats(results[2] / f"rank{r}_epoch{last}.pt") for r in (0, 1)]
-    one = _stats(results[1] / f"rank0_epoch{last}.pt")
-    for key in ("running_mean", "running_var", "smoothed_mean", "smoothed_var"):
-        assert torch.equal(two[0][key], two[1][key]), key  # identical on both ranks
-        np.testing.assert_allclose(two[0][key].numpy(), one[key].numpy(), rtol=1e-6, atol=1e-7,
-                                   err_msg=key)
-    assert int(two[0]["count"].sum()) == int(one["count"].sum()) == 600
+def _one_process_fds(cfg: Config, epochs: int) -> list[dict]:
+    """FDS statistics after each epoch's update of the training loop run in this process at
+    world size 1 on the whole training split (no Ray Train, no DDP)."""
+    from raydir import loop
+    from raydir.data.pipeline import prepare
+
+    prepared = prepare(cfg, log=lambda _m: None).train_in_memory(cfg.train.materialize, log=lambda _m: None)
+    parts = loop.build_parts(cfg, prepared.model_info(cfg.target_scale), bin_weights=prepared.bin_weights,
+                             train_counts=prepared.train_counts, device=torch.device("cpu"))
+    batches = list(prepared.base_datasets["train"].iter_torch_batches(batch_size=cfg.train.batch_size))
+    state, out = loop.LoopState(), []
+    for epoch in range(epochs):
+        loop.train_epoch(parts, state, epoch, batches)
+        loop.fds_end_of_epoch(parts, state, epoch, lambda: batches)
+        out.append({k: v.clone() for k, v in parts.core.fds.statistics().items()})
+    return out
 
 
-def test_run_is_tracked_registered_and_served(tmp_path, ray_session):
-    cfg = small_config(tmp_path, fds={"enabled": True}, reweight={"scheme": "sqrt_inv", "lds": True},
-                       tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                 "register_name": "raydir-test-model", "experiment": "tests"})
-    result = run_training(cfg)
-    client = MlflowClient(cfg.tracking.uri)
+def test_fds_statistics_equal_across_ranks_and_one_process(tmp_path, ray_session):
+    """A 2-worker run ends every epoch with the FDS running statistics that one process
+    computes on the whole training split, and both ranks hold identical statistics. The
+    learning rate is so small that the weights stay put, so the features are a fixed function
+    of the inputs and only the way the data is sharded differs."""
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    cfg = small_config(tmp_path, fds={"enabled": True, "start_update": 0, "start_smooth": 1},
+                       train={"lr": 1e-12, "epochs": 2, "num_workers": 2},
+                       tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "log_model": False})
+    run_training(cfg, callbacks=[DumpFDS(str(dump))])
+    one = _one_process_fds(cfg, epochs=2)
+    for epoch in (0, 1):
+        two = [_stats(dump / f"rank{r}_epoch{epoch}.pt") for r in (0, 1)]
+        for key in ("running_mean", "running_var", "smoothed_mean", "smoothed_var"):
+            assert torch.equal(two[0][key], two[1][key]), (epoch, key)  # identical on both ranks
+            np.testing.assert_allclose(two[0][key].numpy(), one[epoch][key].numpy(), rtol=1e-6,
+                                       atol=1e-7, err_msg=f"epoch {epoch} {key}")
+        assert int(two[0]["count"].sum()) == int(one[epoch]["count"].sum()) == 600
+
+
+def test_run_is_tracked_registered_and_served(trained):
+    """The session's model (`raydir train`, 2 workers, LDS + FDS): its MLflow run, artifacts,
+    registered version and the served pyfunc model."""
+    tmp, name, result = trained["tmp"], trained["name"], trained["result"]
+    client = MlflowClient(trained["uri"])
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     # artifacts beside the database, whatever the working directory
-    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    assert run.info.artifact_uri.startswith((tmp / "mlartifacts").as_uri())
     params = run.data.params
     assert params["fds.enabled"] == "True" and params["reweight.scheme"] == "sqrt_inv"
-    assert params["derived.fds_gather"] == "inflight"
+    assert params["train.num_workers"] == "2" and params["derived.fds_gather"] == "inflight"
     history = client.get_metric_history(run.info.run_id, "val_mae")
     assert sorted(m.step for m in history) == [0, 1]
     for key in ("test_mae", "test_few_mae", "test_many_count", "test_medium_mse", "test_pearson"):
         assert key in run.data.metrics, key
-    assert run.data.metrics["test_count"] == result["test"]["overall"]["count"] == 20 * 4
+    assert run.data.metrics["test_count"] == result["test_metrics"]["overall"]["count"] == 20 * 4
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    for name in ("config.yaml", "train_label_density.png", "per_bin_test.csv",
-                 "test_error_vs_density.png", "fds_feature_similarity.png",
-                 "fds_smoothing_distance.png", "test_shot_metrics.json"):
-        assert name in artifacts, name
-    per_bin = pd.read_csv(client.download_artifacts(run.info.run_id, "per_bin_test.csv", str(tmp_path)))
+    for artifact in ("config.yaml", "train_label_density.png", "per_bin_test.csv",
+                     "test_error_vs_density.png", "fds_feature_similarity.png",
+                     "fds_smoothing_distance.png", "test_shot_metrics.json"):
+        assert artifact in artifacts, artifact
+    per_bin = pd.read_csv(client.download_artifacts(run.info.run_id, "per_bin_test.csv", str(tmp)))
     assert per_bin["count"].sum() == 80 and len(per_bin) == 20
 
-    assert result["registered_model"] == {"name": "raydir-test-model", "version": 1}
-    assert client.get_model_version("raydir-test-model", "1").run_id == run.info.run_id
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    model = mlflow.pyfunc.load_model("models:/raydir-test-model/1")
+    assert (result["model_name"], result["model_version"]) == (name, 1)
+    assert client.get_model_version(name, "1").run_id == run.info.run_id
+    mlflow.set_tracking_uri(trained["uri"])
+    model = mlflow.pyfunc.load_model(f"models:/{name}/1")
     raw = pd.DataFrame({f"x{i}": np.linspace(-1, 1, 5) for i in range(6)})
     pred = np.asarray(model.predict(raw))
     assert pred.shape == (5,) and np.isfinite(pred).all()
     with pytest.raises(Exception, match="x5"):
         model.predict(raw.drop(columns=["x5"]))
-    reqs = mlflow.pyfunc.get_model_dependencies("models:/raydir-test-model/1")
+    reqs = mlflow.pyfunc.get_model_dependencies(f"models:/{name}/1")
     pinned = dict(line.split("==") for line in Path(reqs).read_text().split() if "==" in line)
     assert pinned["torch"] == torch.__version__ and pinned["raydir"] == raydir.__version__
 
@@ -132,18 +145,6 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(tmp_path, ray_session):
     assert steps == [0, 1, 2]  # every epoch logged exactly once
 
 
-def test_rrt_changes_only_the_regressor(tmp_path, ray_session):
-    cfg = small_config(tmp_path, rrt={"enabled": True, "epochs": 2, "lr": 0.01},
-                       tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "log_model": False})
-    result = run_training(cfg)
-    final = torch.load(f"{result['checkpoint_path']}/final.pt", weights_only=False)
-    one, two = final["stage_one_best"], final["model"]
-    assert one.keys() == two.keys()
-    changed = {k for k in one if not torch.equal(one[k], two[k])}
-    assert changed and changed <= {"head.weight", "head.bias"}
-    assert [h["stage"] for h in final["history"]] == [1, 1, 2, 2]
-
-
 def test_unreachable_tracking_server_fails_before_training(tmp_path):
     cfg = small_config(tmp_path, tracking={"uri": "http://127.0.0.1:9"})
     with pytest.raises(ConnectionError, match=r"http://127.0.0.1:9 cannot be reached"):
@@ -152,13 +153,18 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path):
 
 def test_interrupted_run_continues_with_resume(tmp_path, ray_session):
     """A run that dies with no retries left is continued by `--resume RUN_ID` from its last
-    checkpoint: the finished epochs are not trained again and each is logged once."""
+    checkpoint: the finished epochs are not trained again and each is logged once. The run
+    uses RRT (2 epochs, then 2 of regressor re-training) and dies in stage two's first epoch:
+    the resumed run re-enters stage two from stage one's best weights and changes only the
+    regressor."""
     marker = tmp_path / "killed"
-    cfg = small_config(tmp_path, train={"epochs": 4, "max_failures": 0},
+    cfg = small_config(tmp_path, train={"epochs": 2, "max_failures": 0},
+                       rrt={"enabled": True, "epochs": 2, "lr": 0.01},
                        tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "log_model": False})
     logs: list[str] = []
     with pytest.raises(Exception):
         run_training(cfg, log=logs.append, callbacks=[KillOnce(epoch=2, rank=0, marker=str(marker))])
+    assert marker.read_text() == "killed at epoch 2"
     hint = [m for m in logs if "--resume" in m]
     assert hint, logs
     run_id = hint[0].rsplit(" ", 1)[-1].rstrip("`")
@@ -176,3 +182,10 @@ def test_interrupted_run_continues_with_resume(tmp_path, ray_session):
     assert sorted(m.step for m in after) == [0, 1, 2, 3]  # once each
     # The epochs logged before the failure were not trained (and logged) again.
     assert {m.step: m.timestamp for m in after if m.step in before} == before
+
+    final = torch.load(f"{result['checkpoint_path']}/final.pt", weights_only=False)
+    one, two = final["stage_one_best"], final["model"]
+    assert one.keys() == two.keys()
+    changed = {k for k in one if not torch.equal(one[k], two[k])}
+    assert changed and changed <= {"head.weight", "head.bias"}
+    assert [h["stage"] for h in final["history"]] == [1, 1, 2, 2]
