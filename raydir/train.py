@@ -84,7 +84,8 @@ def train_loop_per_worker(config: dict) -> None:
             state = loop.restore(parts, torch.load(Path(d) / STATE_FILE, map_location=device,
                                                    weights_only=False))
 
-    train_shard = ray.train.get_dataset_shard("train")  # [1] shard
+    # [1] shard: this rank's piece of the training split, or Ray Train's streaming split of it
+    train_shard = ray.train.get_dataset_shard(f"train_{rank}" if config["train_pieces"] else "train")
     val_shard = ray.train.get_dataset_shard(f"val_{rank}")
 
     def eval_batches(shard):
@@ -174,6 +175,11 @@ def run_training(cfg: Config, *, resume: str | None = None, allow_change=(),
     run = tracking.start_run(uri, cfg, resume=resume, extra_params=derived_params(cfg, prepared),
                              changes=changes)
     log(f"MLflow run {run.run_id} in experiment '{cfg.tracking.experiment}' at {uri}")
+    unused = prepared.sizes["train"] % t.num_workers
+    if unused:
+        log(f"{unused} of {prepared.sizes['train']} training rows left out of each epoch, so that "
+            f"each of the {t.num_workers} workers trains on {prepared.sizes['train'] // t.num_workers} "
+            f"(MLflow param derived.train_rows_unused)")
     if not resume:
         tracking.log_data_artifacts(uri, run.run_id, cfg, prepared)
 
@@ -263,6 +269,8 @@ def derived_params(cfg: Config, prepared) -> dict:
     return {"derived.fds_gather": cfg.fds.gather if cfg.fds.enabled else "off",
             "derived.train_rows": prepared.sizes["train"], "derived.val_rows": prepared.sizes["val"],
             "derived.test_rows": prepared.sizes["test"],
+            # rows left out of each epoch so that every rank gets as many (fewer than num_workers)
+            "derived.train_rows_unused": prepared.sizes["train"] % cfg.train.num_workers,
             **prepared.resample_params()}  # resampled train size and per-shot rows, if any
 
 
@@ -299,14 +307,22 @@ def build_trainer(cfg: Config, prepared, info: ModelInfo, *, tracking_uri: str, 
     t = cfg.train
     rrt_w = rrt_bin_weights(cfg, prepared.train_counts, log=lambda _m: None).tolist() \
         if cfg.rrt.enabled else None
-    # Evaluation splits are cut into one exact piece per worker (no padding, no drop); the
-    # training split is streamed with Ray Train's equal split so every rank runs the same
-    # number of DDP steps. The loop takes weights from the bin index, so the training split
-    # without the weight column will do.
-    datasets = {"train": prepared.base_datasets["train"]}
-    with ThreadPoolExecutor(max_workers=2) as pool:  # each split() executes its dataset
+    # Evaluation splits are cut into one exact piece per worker (no padding, no drop). The
+    # training split gives every rank the same number of rows, so every rank runs the same
+    # number of DDP steps (the train_rows % num_workers left over are counted in
+    # derived_params): held in memory, it is cut once into one piece per worker (no split
+    # coordinator to start, no blocks handed out per epoch, the same rows on a rank every
+    # epoch, so runs repeat); streamed from its cache, Ray Train splits it as it streams. The
+    # loop takes weights from the bin index, so the split without the weight column will do.
+    datasets, split_train = {}, not prepared.train_is_in_memory
+    with ThreadPoolExecutor(max_workers=3) as pool:  # each split() executes its dataset
         pieces = {split: pool.submit(prepared.datasets[split].split, t.num_workers, equal=False)
                   for split in ("val", "test")}
+        if split_train:
+            datasets["train"] = prepared.base_datasets["train"]
+        else:
+            pieces["train"] = pool.submit(prepared.base_datasets["train"].split, t.num_workers,
+                                          equal=True)
         for split, future in pieces.items():
             for i, piece in enumerate(future.result()):
                 datasets[f"{split}_{i}"] = piece
@@ -318,7 +334,7 @@ def build_trainer(cfg: Config, prepared, info: ModelInfo, *, tracking_uri: str, 
                            "bin_weights": prepared.bin_weights.tolist(), "rrt_bin_weights": rrt_w,
                            "train_counts": prepared.train_counts.tolist(),
                            "train_targets": prepared.train_targets() if needs_train_targets(cfg) else None,
-                           "callbacks": list(loop_callbacks or [])},
+                           "callbacks": list(loop_callbacks or []), "train_pieces": not split_train},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage_path,
@@ -327,7 +343,7 @@ def build_trainer(cfg: Config, prepared, info: ModelInfo, *, tracking_uri: str, 
                              callbacks=[metrics_callback(tracking_uri, run_id, cfg.total_epochs),
                                         *(callbacks or [])]),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if split_train else []),
     )
 
 

@@ -418,6 +418,12 @@ class PreparedData:
                  for b in ds.iter_batches(batch_size=65536, batch_format="numpy")]
         return np.concatenate(parts) if parts else np.zeros(0)
 
+    @property
+    def train_is_in_memory(self) -> bool:
+        """Whether the training split is held in Ray's object store (:meth:`train_in_memory`, or
+        prepared without a cache, whose splits are materialized)."""
+        return bool(self.meta.get("train_in_memory") or not self.meta.get("cache_dir"))
+
     def train_in_memory(self, mode: str = "auto", *, fraction: float = MEMORY_FRACTION,
                         log: Callable = print) -> "PreparedData":
         """A copy whose training split is held in Ray's object store, so that each epoch reads
