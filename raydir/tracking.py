@@ -107,20 +107,38 @@ def metrics_callback(tracking_uri: str, run_id: str, final_step: int):
     report (``final`` in its metrics) at ``final_step``. NaN
     values (an empty shot region) are left out. A step already in the run (an epoch logged,
     then trained again after a restart from an earlier checkpoint) is not logged twice."""
+    import threading
+
     from ray.train import UserCallback
 
     class MetricsToMlflow(UserCallback):
         def __init__(self):
-            self.logged = None
+            self.logged, self._client, self._lock = None, None, threading.Lock()
+
+        def __getstate__(self):
+            return {"logged": self.logged}
+
+        def __setstate__(self, state):
+            # Unpickled on the controller as the run starts: import MLflow and open the store
+            # while the workers start, not when the first report is waiting (about 2 s).
+            self.__init__()
+            self.logged = state["logged"]
+            threading.Thread(target=self.client, name="raydir-mlflow-open", daemon=True).start()
+
+        def client(self):
+            with self._lock:
+                if self._client is None:
+                    from mlflow.tracking import MlflowClient
+
+                    self._client = MlflowClient(tracking_uri)
+                    if self.logged is None:
+                        self.logged = logged_steps(self._client, run_id)
+                return self._client
 
         def after_report(self, run_context, metrics, checkpoint):
-            from mlflow.tracking import MlflowClient
-
             values = dict(metrics[0])
             step = final_step if "final" in values else int(values["epoch"])
-            client = MlflowClient(tracking_uri)
-            if self.logged is None:
-                self.logged = logged_steps(client, run_id)
+            client = self.client()
             if step not in self.logged:
                 log_step(client, run_id, values, step)
                 self.logged.add(step)
