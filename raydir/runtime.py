@@ -161,16 +161,25 @@ def ensure_ray(num_cpus_needed: float = 0) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
         return
-    ncpu = max(os.cpu_count() or 1, int(math.ceil(num_cpus_needed)) + 1)
+    start_local_ray(max(os.cpu_count() or 1, int(math.ceil(num_cpus_needed)) + 1), **kwargs)
+
+
+def start_local_ray(num_cpus: int, **init_kwargs) -> None:
+    """``ray.init`` of a local instance with ``num_cpus`` logical CPUs, in the environment of
+    :func:`local_ray_environment`, with its dashboard.
+
+    With the dashboard: Ray Train's placement-group cleaner asks its state API whether a
+    controller is alive, and without it never frees the CPUs of a run whose controller was
+    killed (a Tune trial that ASHA stops), which starves the next trials. The cleaner finds
+    the API by ``RAY_API_SERVER_ADDRESS`` (its processes inherit it); without it, it looks for
+    a local Ray and fails when another one runs on the same machine.
+    """
+    import ray
+
     local_ray_environment()
-    # With the dashboard: Ray Train's placement-group cleaner asks its state API whether a
-    # controller is alive, and without it never frees the CPUs of a run whose controller was
-    # killed (a Tune trial that ASHA stops), which starves the next trials. The cleaner finds
-    # the API by this variable (its processes inherit it); without it, it looks for a local
-    # Ray and fails when another one runs on the same machine.
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(num_cpus=ncpu, include_dashboard=True, dashboard_port=port, **kwargs)
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, **init_kwargs)
 
 
 def connect_ray(num_cpus_needed: float = 0) -> None:

@@ -82,12 +82,10 @@ def ray_session():
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
-        from raydir.runtime import local_ray_environment
+        from raydir.runtime import start_local_ray
 
-        local_ray_environment()  # what `raydir train` sets for the local Ray it starts
-        # the dashboard as `raydir train` starts it (Ray Train's placement-group cleaner needs it)
-        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False,
-                 configure_logging=False, ignore_reinit_error=True)
+        # as `raydir train` starts it (environment, dashboard for the placement-group cleaner)
+        start_local_ray(4, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False  # no execution-plan lines per Dataset run

@@ -432,7 +432,7 @@ def test_ctrl_c_marks_killed_keeps_history_and_resumes_at_the_next_epoch(tmp_pat
     from raydir.runtime import checkpointed_reports
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    epochs = 40
+    epochs = 20
     config = str(_tiny_demo(tmp_path, epochs=epochs))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO),
            "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
@@ -442,7 +442,7 @@ def test_ctrl_c_marks_killed_keeps_history_and_resumes_at_the_next_epoch(tmp_pat
     client = MlflowClient(uri)
     run_id, deadline = None, time.monotonic() + 240
     while time.monotonic() < deadline:  # wait for the third epoch in MLflow
-        time.sleep(2.0)
+        time.sleep(1.0)
         if (tmp_path / "mlflow.db").exists():
             runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
             if runs and len(_metric_steps(uri, runs[0].info.run_id)) >= 3:

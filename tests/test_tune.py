@@ -289,7 +289,7 @@ def test_asha_stops_trials_that_cannot_learn(tmp_path, ray_session):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_mae")]
         assert sorted(steps) == list(range(len(steps))) and len(steps) >= row["epochs_done"]
     # The stopped trials' Ray Train workers gave their CPUs back (a leak starves later trials).
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60  # the cleaner polls; a loaded machine slows it down
     while _live_placement_groups(ray_session) and time.monotonic() < deadline:
         time.sleep(1)
     assert _live_placement_groups(ray_session) == []
