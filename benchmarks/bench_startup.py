@@ -6,7 +6,7 @@ timestamps its phases by wrapping the functions that run them (this file only; t
 is unchanged):
 
 * ``import``         importing raydir.train and its dependencies (torch, ray, mlflow ...);
-* ``ensure_ray``     starting the local Ray instance (first run) or nothing (later runs: Ray
+* ``start / join Ray`` starting the local Ray instance (first run) or nothing (later runs: Ray
                      already up, the case of ``ray start --head`` once + repeated runs);
 * ``prepare``        the Ray Data pipeline: read / histogram / weights / cache;
 * ``train_in_memory`` materialising the training split in the object store;
@@ -70,13 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     t_import = time.time()
     import raydir.data.pipeline as pipeline
+    import raydir.runtime as runtime
     import raydir.tracking as tracking
     import raydir.train as train
     from raydir.config import Config
     t_imported = time.time()
 
     phases = Phases()
-    phases.wrap(train, "ensure_ray")
+    phases.wrap(runtime, "connect_ray", "start / join Ray")
     phases.wrap(pipeline, "prepare")
     phases.wrap(pipeline.PreparedData, "train_in_memory")
     phases.wrap(tracking, "start_run", "mlflow start_run")
