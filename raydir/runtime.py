@@ -52,6 +52,9 @@ def quiet_console(verbose: bool = False) -> None:
         return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Tune's newer console output prints its experiment box whatever the verbosity; with
+    # verbose=0 the older one prints nothing (raydir prints one line per trial instead)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raydir.config import SPACE_KINDS, Config, tune_metric_mode
+from raydir.runtime import VERBOSE
 from raydir.tracking import alias_decision, better  # noqa: F401 - alias_decision is public here too
 
 OBJECTIVE = "objective"          # the sweep metric of one epoch, as Tune sees it
@@ -434,8 +435,34 @@ def _tuner(cfg: Config, trainable, sweep: str, root: str, restoring: bool, mode:
             metric=OBJECTIVE, mode=mode, num_samples=cfg.tune.num_samples,
             search_alg=_searcher(cfg, OBJECTIVE, mode, concurrency), scheduler=_scheduler(cfg),
             max_concurrent_trials=None if cfg.tune.searcher in ("grid", "random") else concurrency),
-        run_config=tune.RunConfig(name=sweep, storage_path=root, callbacks=list(callbacks or []),
-                                  verbose=1))
+        run_config=tune.RunConfig(
+            name=sweep, storage_path=root, verbose=1 if VERBOSE["on"] else 0,
+            callbacks=[_progress_callback(expected_trials(cfg), list(normalized_space(cfg)),
+                                          cfg.tune.metric), *(callbacks or [])]))
+
+
+def _progress_callback(total: int, keys: list[str], metric: str):
+    """One console line per ended trial; Tune's own status tables show with ``--verbose``.
+    (Printed: Tune pickles its callbacks with the experiment.)"""
+    from ray import tune
+
+    class _Progress(tune.Callback):
+        def __init__(self):
+            self.ended = 0
+
+        def _line(self, trial, what: str) -> None:
+            self.ended += 1
+            values = ", ".join(f"{k}={trial.config.get(k)}" for k in keys)
+            print(f"[tune] {self.ended}/{total} {what}: {values}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            value = (trial.last_result or {}).get(OBJECTIVE, math.nan)
+            self._line(trial, f"ended, val {metric} {value:.4f}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, "FAILED (the table marks it; the others go on)")
+
+    return _Progress()
 
 
 def _conclude(cfg: Config, uri: str, out: dict, log: Callable[[str], Any]) -> None:
