@@ -177,9 +177,9 @@ class Processes:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A token-authenticated Ray head, a second Ray node (``node_b``) and an MLflow server on
-    127.0.0.1, started once for the module's tests; `add_node()` joins another Ray node.
-    Yields a dict of addresses, env and helpers."""
+    """A token-authenticated Ray head + an MLflow server on 127.0.0.1, started once for the
+    module's tests; `add_node()` joins another Ray node. Yields a dict of addresses, env and
+    helpers."""
     tmp_path = tmp_path_factory.mktemp("cluster")
     # Unix socket paths must stay short: a private dir right under /tmp.
     temp_dir = tempfile.mkdtemp(prefix="rdc-", dir="/tmp")
@@ -219,8 +219,6 @@ def cluster(tmp_path_factory):
                          "--disable-usage-stats"],
                         env, tmp_path / f"ray_{name}.log")
 
-        # the two-node test's second node: it registers while the job-submit test runs
-        add_node("node_b")
         yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "token": token,
                "mlflow": mlflow_uri, "env": env, "base_env": base_env, "tmp": tmp_path,
                "add_node": add_node}
@@ -325,12 +323,12 @@ DRIVER = textwrap.dedent("""
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_two_nodes_one_worker_each_same_fds_statistics(cluster):
-    """A second node has joined (the fixture's node_b); each Train worker needs 2 of a node's 3
-    CPUs, so the two workers cannot share a node. Both record their node id and FDS
-    statistics after every update."""
+    """A second node joins; each Train worker needs 2 of a node's 3 CPUs, so the two workers
+    cannot share a node. Both record their node id and FDS statistics after every update."""
     import torch
 
     c = cluster
+    c["add_node"]("node_b")
     tmp = c["tmp"]
     dump = tmp / "dump"
     dump.mkdir()
