@@ -23,7 +23,7 @@ PROBE_TIMEOUT_S = 3.0
 # Ray Train's controller takes the workers' reports every 2 s by default, and a worker blocks
 # on its next report until the previous one is taken, so epochs shorter than that wait for the
 # poll. A local instance started by raydir polls more often.
-LOCAL_REPORT_POLL_S = "0.5"
+LOCAL_REPORT_POLL_S = "0.2"
 
 
 # -- console ----------------------------------------------------------------------------------

@@ -432,7 +432,7 @@ def test_ctrl_c_marks_killed_keeps_history_and_resumes_at_the_next_epoch(tmp_pat
     from raydir.runtime import checkpointed_reports
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    epochs = 16
+    epochs = 24
     config = str(_tiny_demo(tmp_path, epochs=epochs))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO),
            "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}

@@ -143,6 +143,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         result["dense"] = dense_lookup(rank)
         result["gather"] = gather_check(rank)
         torch.save(result, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # neither rank tears its group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
