@@ -314,11 +314,11 @@ def build_trainer(cfg: Config, prepared, info: ModelInfo, *, tracking_uri: str, 
     # coordinator to start, no blocks handed out per epoch, the same rows on a rank every
     # epoch, so runs repeat); streamed from its cache, Ray Train splits it as it streams. The
     # loop takes weights from the bin index, so the split without the weight column will do.
-    datasets, split_train = {}, not prepared.train_is_in_memory
+    datasets, stream_train = {}, not prepared.train_is_in_memory
     with ThreadPoolExecutor(max_workers=3) as pool:  # each split() executes its dataset
         pieces = {split: pool.submit(prepared.datasets[split].split, t.num_workers, equal=False)
                   for split in ("val", "test")}
-        if split_train:
+        if stream_train:
             datasets["train"] = prepared.base_datasets["train"]
         else:
             pieces["train"] = pool.submit(prepared.base_datasets["train"].split, t.num_workers,
@@ -334,7 +334,7 @@ def build_trainer(cfg: Config, prepared, info: ModelInfo, *, tracking_uri: str, 
                            "bin_weights": prepared.bin_weights.tolist(), "rrt_bin_weights": rrt_w,
                            "train_counts": prepared.train_counts.tolist(),
                            "train_targets": prepared.train_targets() if needs_train_targets(cfg) else None,
-                           "callbacks": list(loop_callbacks or []), "train_pieces": not split_train},
+                           "callbacks": list(loop_callbacks or []), "train_pieces": not stream_train},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage_path,
@@ -343,7 +343,7 @@ def build_trainer(cfg: Config, prepared, info: ModelInfo, *, tracking_uri: str, 
                              callbacks=[metrics_callback(tracking_uri, run_id, cfg.total_epochs),
                                         *(callbacks or [])]),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if split_train else []),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if stream_train else []),
     )
 
 
