@@ -17,10 +17,12 @@ def load_line(before: tuple, after: tuple) -> str:
             f"after {tuple(round(v, 1) for v in after)}; {os.cpu_count()} CPUs")
 
 
-def save(prefix: str, payload: dict) -> Path:
-    """Write ``payload`` to ``results/<prefix>_<timestamp>.json``, say where, return the path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}.json"
+def save(prefix: str, payload: dict, folder: str | Path = RESULTS) -> Path:
+    """Write ``payload`` to ``<folder>/<prefix>_<timestamp>.json`` (default ``results/``), say
+    where, return the path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(payload, indent=1))
     print(f"wrote {path}")
     return path

@@ -22,6 +22,7 @@ Prints a table and writes JSON to benchmarks/results/gpu_<time>.json (or --out).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks._report import RESULTS, load_line, save
 from raydir import loop
 from raydir.bins import Bins, ShotRegions
 from raydir.config import Config
@@ -156,11 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--rounds", type=int, default=5, help="timed epochs of each variant")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(RESULTS), help="folder for the JSON")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu: no CUDA device (torch.cuda.is_available() is False)")
     device = torch.device(args.device)
+    load_before = os.getloadavg()
     torch.backends.cudnn.benchmark = True
     report = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
               "fds_exact": fds_exact(device), "resnet_epoch": resnet_epoch(args, device),
@@ -180,13 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo {name}: test MAE all {mae['overall']:.3f} many {mae['many']:.3f} medium "
               f"{mae['medium']:.3f} few {mae['few']:.3f} (best epoch {d['best_epoch'] + 1}, "
               f"{d['seconds']:.1f} s)")
-    import json
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"gpu_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(report, indent=2, default=float))
-    print(f"wrote {path}")
+    report["load_avg_before"], report["load_avg_after"] = load_before, os.getloadavg()
+    print(load_line(load_before, report["load_avg_after"]))
+    save("gpu", report, args.out)
     return 0
 
 

@@ -172,10 +172,10 @@ def run_training(cfg: Config, *, resume: str | None = None, allow_change=(),
     prepared = prepare(cfg, log=log).train_in_memory(t.materialize, log=log)
     info = prepared.model_info(cfg.target_scale)
 
-    run = tracking.start_run(uri, cfg, resume=resume, extra_params=derived_params(cfg, prepared),
-                             changes=changes)
+    derived = derived_params(cfg, prepared)
+    run = tracking.start_run(uri, cfg, resume=resume, extra_params=derived, changes=changes)
     log(f"MLflow run {run.run_id} in experiment '{cfg.tracking.experiment}' at {uri}")
-    unused = prepared.sizes["train"] % t.num_workers
+    unused = derived["derived.train_rows_unused"]
     if unused:
         log(f"{unused} of {prepared.sizes['train']} training rows left out of each epoch, so that "
             f"each of the {t.num_workers} workers trains on {prepared.sizes['train'] // t.num_workers} "
