@@ -96,8 +96,15 @@ def check_not_empty(path: str) -> None:
         )
 
 
-def read_table(path: str, fmt: str = "auto"):
-    """A lazy Ray Dataset over the Parquet / CSV file(s) at ``path`` (local or URI)."""
+def read_table(path: str, fmt: str = "auto", *, ordered: bool = False):
+    """A lazy Ray Dataset over the Parquet / CSV file(s) at ``path`` (local or URI).
+
+    ``ordered``: the rows must come out in file order (with ``preserve_order`` set on the
+    execution). Ray Data's Parquet datasource V2 packs row groups into read units of
+    ``RAY_DATA_PARQUET_BIN_PACKING_BYTES`` (128 MiB) and emits them out of order even when the
+    execution preserves order (a 2M-row file came back starting at row 860,000), so an ordered
+    read goes through the V1 datasource, which keeps file and row-group order.
+    """
     import ray.data
 
     if not path:
@@ -110,9 +117,15 @@ def read_table(path: str, fmt: str = "auto"):
     check_not_empty(path)
     if not is_uri(path):
         path = str(local_path(path).resolve())  # Ray workers may run elsewhere
-    if kind == "parquet":
+    if kind != "parquet":
+        return ray.data.read_csv(path)
+    ctx = ray.data.DataContext.get_current()
+    v2 = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = v2 and not ordered  # chosen when the read is planned, here
+    try:
         return ray.data.read_parquet(path)
-    return ray.data.read_csv(path)
+    finally:
+        ctx.use_datasource_v2 = v2
 
 
 def _is_numeric(t: pa.DataType) -> bool:
