@@ -8,7 +8,12 @@ driver's peak RSS is its own:
   float32 bin index and per-block bincount in Ray tasks, per-block counts summed on the
   driver) -- end to end from the files, ``--repeats`` times on one Ray instance;
 * ``numpy``: the labels read into one in-memory array first (not timed), then
-  ``numpy.bincount(bins.index(y), minlength=B)`` ``--repeats`` times.
+  ``numpy.bincount(bins.index(y), minlength=B)`` ``--repeats`` times; and, timed apart, the
+  same from the files in one process (``pyarrow.parquet.read_table`` of the folder, then the
+  bincount): what a user without Ray would run, the fair single-process reference.
+
+``--datasource v1`` reads through Ray Data's Parquet datasource V1 instead of the default V2
+(``RAY_DATA_USE_DATASOURCE_V2=0`` in the Ray child).
 
 Both must give the same counts. With ``--rounds R`` the two children run R times in turn
 (ray, numpy, ray, numpy, ...), so that a load change on a shared machine hits both; each
@@ -106,17 +111,27 @@ def run_numpy(folder: str, repeats: int) -> dict:
         t = time.perf_counter()
         counts = np.bincount(bins.index(y), minlength=bins.num_bins)
         times.append(time.perf_counter() - t)
-    return {"times_s": times, "counts": counts.tolist(), "rss_start_mib": rss_start,
-            "rss_after_load_mib": rss_loaded, "peak_rss_mib": peak_rss_mib()}
+    files_times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        from_files = np.bincount(bins.index(pq.read_table(folder, columns=["target"])
+                                            .column("target").to_numpy()), minlength=bins.num_bins)
+        files_times.append(time.perf_counter() - t)
+    assert np.array_equal(from_files, counts)
+    return {"times_s": times, "files_times_s": files_times, "counts": counts.tolist(),
+            "rss_start_mib": rss_start, "rss_after_load_mib": rss_loaded,
+            "peak_rss_mib": peak_rss_mib()}
 
 
-def child(method: str, folder: str, repeats: int, num_cpus: int | None) -> dict:
+def child(method: str, folder: str, repeats: int, num_cpus: int | None,
+          datasource: str = "v2") -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_histogram", "--worker", method,
            "--dir", folder, "--repeats", str(repeats)]
     if num_cpus:
         cmd += ["--num-cpus", str(num_cpus)]
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               RAY_DATA_USE_DATASOURCE_V2="0" if datasource == "v1" else "1")
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{method} worker failed:\n{proc.stderr[-4000:]}")
@@ -130,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1, help="interleaved ray / numpy child pairs")
     ap.add_argument("--num-cpus", type=int, default=None)
+    ap.add_argument("--datasource", choices=["v2", "v1"], default="v2",
+                    help="Ray Data's Parquet datasource (V2 is Ray's default)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--worker", choices=["ray", "numpy"], help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
@@ -142,24 +159,27 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
 
     load_before = os.getloadavg()
-    round_ratios = []
+    round_ratios, round_file_ratios = [], []
     with tempfile.TemporaryDirectory(prefix="raydir-bench-hist-") as tmp:
         t = time.perf_counter()
         write_labels(Path(tmp), args.n, args.files)
         write_s = time.perf_counter() - t
         size_mib = sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2**20
         for _ in range(args.rounds):
-            ray_res = child("ray", tmp, args.repeats, args.num_cpus)
+            ray_res = child("ray", tmp, args.repeats, args.num_cpus, args.datasource)
             np_res = child("numpy", tmp, args.repeats, None)
             round_ratios.append(min(ray_res["times_s"]) / min(np_res["times_s"]))
+            round_file_ratios.append(min(ray_res["times_s"]) / min(np_res["files_times_s"]))
     load_after = os.getloadavg()
 
     if ray_res["counts"] != np_res["counts"]:
         raise AssertionError("the Ray Data histogram differs from numpy.bincount")
     assert sum(np_res["counts"]) == args.n
     rows = []
-    for name, res in (("ray data (read+bin+hist)", ray_res), ("numpy.bincount (in memory)", np_res)):
-        best, first = min(res["times_s"]), res["times_s"][0]
+    for name, res, key in ((f"ray data {args.datasource} (read+bin+hist)", ray_res, "times_s"),
+                           ("numpy.bincount (in memory)", np_res, "times_s"),
+                           ("pyarrow read + bincount", np_res, "files_times_s")):
+        best, first = min(res[key]), res[key][0]
         rows.append({"method": name, "best_s": best, "first_s": first,
                      "labels_per_s_best": args.n / best, "labels_per_s_first": args.n / first,
                      "driver_peak_rss_mib": res["peak_rss_mib"]})
@@ -175,6 +195,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     print(f"numpy / ray throughput ratio (best, last round): {ratio:.1f}x; counts identical; per "
           f"round: median {sorted(round_ratios)[len(round_ratios) // 2]:.1f}x, range "
           f"[{min(round_ratios):.1f}, {max(round_ratios):.1f}] over {args.rounds} round(s)")
+    print(f"ray / (pyarrow read + bincount) time ratio per round: median "
+          f"{sorted(round_file_ratios)[len(round_file_ratios) // 2]:.1f}x, range "
+          f"[{min(round_file_ratios):.1f}, {max(round_file_ratios):.1f}]")
     print(load_line(load_before, load_after))
     print(f"ray driver RSS: {ray_res['rss_start_mib']:.0f} MiB at start, "
           f"{ray_res['rss_after_init_mib']:.0f} MiB after ray.init, peak {ray_res['peak_rss_mib']:.0f} MiB; "
@@ -186,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "host": {"cpus": os.cpu_count(), "platform": platform.platform(),
                  "python": platform.python_version()},
         "rows": rows, "numpy_over_ray_ratio": ratio, "ratio_per_round": round_ratios,
+        "datasource": args.datasource, "ratio_to_files_per_round": round_file_ratios,
         "load_avg_before": load_before, "load_avg_after": load_after,
         "ray": {k: v for k, v in ray_res.items() if k != "counts"},
         "numpy": {k: v for k, v in np_res.items() if k != "counts"},
