@@ -57,6 +57,38 @@ def quiet_console(verbose: bool = False) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Notices of Ray's that are not the user's business on a local run (--verbose shows them):
+    # that a local instance turned token authentication on, and the raylet's note that it
+    # started more Python workers at once than it has CPUs (Tune trials + Train workers + Ray
+    # Data actors on a 2-core machine).
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        _DropMessages(*RAY_NOTICES))
+    _drop_raylet_notices()
+
+
+# Fragments of Ray's console notices that raydir hides unless --verbose.
+RAY_NOTICES = ("Token authentication is enabled for this Ray cluster",
+               "x the maximum expected startup concurrency")
+
+
+def _drop_raylet_notices() -> None:
+    """Wrap the function Ray's driver uses to print the raylet's messages
+    (``ray._private.worker.print_to_stdstream``, called by name at each message) so that the
+    lines matching :data:`RAY_NOTICES` are dropped; every other line still prints."""
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "raydir_wrapped", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix: bool = False):
+        lines = [line for line in data.get("lines", [])
+                 if not any(f in str(line) for f in RAY_NOTICES)]
+        if lines:
+            original({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+
+    print_to_stdstream.raydir_wrapped = True
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def _quiet_data_context() -> None:

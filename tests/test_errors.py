@@ -316,6 +316,30 @@ def test_an_internal_error_keeps_its_traceback():
 
 
 # -- configs as people write them ---------------------------------------------------------------
+def test_quiet_console_hides_rays_local_notices_and_keeps_other_raylet_lines(capsys):
+    import logging
+
+    import ray._private.worker as ray_worker
+
+    from raydir.runtime import quiet_console
+
+    quiet_console(verbose=False)
+    quiet_console(verbose=False)  # wraps once
+    notice = ("WARNING: 8 PYTHON worker processes have been started on node: abc with address: "
+              "127.0.0.1, which is 4x the maximum expected startup concurrency (2).")
+    ray_worker.print_to_stdstream({"lines": [notice, "actor died: out of memory"], "pid": "raylet",
+                                   "is_err": False}, ignore_prefix=False)
+    out = capsys.readouterr().out
+    assert "actor died: out of memory" in out and "startup concurrency" not in out
+    assert out.count("actor died") == 1
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    record = logger.makeRecord(logger.name, logging.WARNING, __file__, 1,
+                               "Token authentication is enabled for this Ray cluster.", None, None)
+    other = logger.makeRecord(logger.name, logging.WARNING, __file__, 1,
+                              "Token authentication is disabled for this Ray cluster.", None, None)
+    assert not logger.filter(record) and logger.filter(other)
+
+
 def test_exponent_numbers_in_yaml_and_set(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lr: 1e-3\n  weight_decay: 5E-4\n  epochs: '3'\n"
                                      "tune:\n  space:\n    train.lr: {loguniform: [1e-4, 1e-2]}\n"
