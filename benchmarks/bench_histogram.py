@@ -12,8 +12,9 @@ driver's peak RSS is its own:
   same from the files in one process (``pyarrow.parquet.read_table`` of the folder, then the
   bincount): what a user without Ray would run, the fair single-process reference.
 
-``--datasource v1`` reads through Ray Data's Parquet datasource V1 instead of the default V2
-(``RAY_DATA_USE_DATASOURCE_V2=0`` in the Ray child).
+``--datasource`` picks Ray Data's Parquet datasource in the Ray child
+(``RAY_DATA_USE_DATASOURCE_V2``): ``v1`` (default) is what raydir reads with
+(``raydir.data.base.read_parquet``), ``v2`` is Ray 2.60's default.
 
 Both must give the same counts. With ``--rounds R`` the two children run R times in turn
 (ray, numpy, ray, numpy, ...), so that a load change on a shared machine hits both; each
@@ -124,7 +125,7 @@ def run_numpy(folder: str, repeats: int) -> dict:
 
 
 def child(method: str, folder: str, repeats: int, num_cpus: int | None,
-          datasource: str = "v2") -> dict:
+          datasource: str = "v1") -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_histogram", "--worker", method,
            "--dir", folder, "--repeats", str(repeats)]
     if num_cpus:
@@ -145,8 +146,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=1, help="interleaved ray / numpy child pairs")
     ap.add_argument("--num-cpus", type=int, default=None)
-    ap.add_argument("--datasource", choices=["v2", "v1"], default="v2",
-                    help="Ray Data's Parquet datasource (V2 is Ray's default)")
+    ap.add_argument("--datasource", choices=["v1", "v2"], default="v1",
+                    help="Ray Data's Parquet datasource (v1: raydir's reads; v2: Ray's default)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--worker", choices=["ray", "numpy"], help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)

@@ -1,13 +1,16 @@
-"""Reading a Parquet folder through Ray Data with its default 32 footer-reader actors against
-the number ``raydir.runtime.local_ray_environment`` sets for a local Ray (a quarter of the cores).
+"""Reading a prepared-data-cache-shaped Parquet folder through Ray Data: raydir's read
+(``raydir.data.base.read_parquet``: Ray Data's Parquet datasource V1) against Ray 2.60's
+default datasource V2, with its default 32 footer-reader actors and with a quarter of the
+cores (what raydir used to set for a local Ray).
 
-Each setting runs in its own process (the variable must be set before Ray starts), the two
-alternate for ``--rounds`` rounds, and each process times ``--reads`` reads of the same folder
-(``--rows`` rows x 2 float columns in 4 files, the shape of a small prepared-data cache).
+Each setting runs in its own process (the variables must be set before Ray starts), the
+settings alternate for ``--rounds`` rounds, and each process times ``--reads`` reads of the
+same folder (``--rows`` rows x 2 float columns in 4 files) read to the end (``materialize``).
 
     python -m benchmarks.bench_parquet_read [--rounds 2] [--reads 4] [--rows 20000]
 
-Prints the median read time per setting and writes JSON to benchmarks/results/.
+Prints the median read time per setting, the ratios to raydir's and the load average, and
+writes JSON to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -22,19 +25,23 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-VARIABLE = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+from benchmarks._report import load_line, save
+
+FOOTERS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 
 
-def child(folder: str, reads: int) -> None:
+def child(folder: str, reads: int, raydir_read: bool) -> None:
     import ray
+
+    from raydir.data.base import read_parquet
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    read = read_parquet if raydir_read else ray.data.read_parquet
     times = []
     for _ in range(reads):
         t0 = time.perf_counter()
-        ray.data.read_parquet(folder).materialize()
+        read(folder).materialize()
         times.append(time.perf_counter() - t0)
     print(json.dumps(times))
 
@@ -45,49 +52,45 @@ def main() -> int:
     p.add_argument("--reads", type=int, default=4)
     p.add_argument("--rows", type=int, default=20_000)
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--raydir-read", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child, args.reads)
+        child(args.child, args.reads, args.raydir_read)
         return 0
 
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raydir.runtime import local_ray_environment
-
-    env = {k: v for k, v in os.environ.items() if k != VARIABLE}
-    saved = os.environ.pop(VARIABLE, None)
-    local_ray_environment()
-    raydir_value = os.environ[VARIABLE]
-    if saved is None:
-        os.environ.pop(VARIABLE)
-    else:
-        os.environ[VARIABLE] = saved
-    settings = {"ray default (32)": None, f"raydir local ({raydir_value})": raydir_value}
+    quarter = str(min(32, max(1, (os.cpu_count() or 1) // 4)))
+    settings = {  # name -> (raydir's read?, footer actors)
+        "raydir (datasource V1)": (True, None),
+        "ray default (V2, 32 footer actors)": (False, None),
+        f"V2, {quarter} footer actor(s)": (False, quarter),
+    }
+    env = {k: v for k, v in os.environ.items() if k != FOOTERS}
     times: dict[str, list[float]] = {name: [] for name in settings}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as d:
         rows = np.arange(args.rows, dtype=np.float64)
         for i, part in enumerate(np.array_split(rows, 4)):
             pq.write_table(pa.table({"a": part, "b": part * 2}), f"{d}/part-{i}.parquet")
         for _ in range(args.rounds):
-            for name, value in settings.items():
-                child_env = dict(env, **({VARIABLE: value} if value else {}))
-                out = subprocess.run([sys.executable, "-m", "benchmarks.bench_parquet_read",
-                                      "--child", d, "--reads", str(args.reads)],
-                                     env=child_env, capture_output=True, text=True, check=True,
+            for name, (raydir_read, footers) in settings.items():
+                child_env = dict(env, **({FOOTERS: footers} if footers else {}))
+                cmd = [sys.executable, "-m", "benchmarks.bench_parquet_read", "--child", d,
+                       "--reads", str(args.reads)] + (["--raydir-read"] if raydir_read else [])
+                out = subprocess.run(cmd, env=child_env, capture_output=True, text=True, check=True,
                                      cwd=Path(__file__).resolve().parents[1])
                 times[name] += json.loads(out.stdout.strip().splitlines()[-1])
     summary = {name: statistics.median(ts) for name, ts in times.items()}
+    ours = summary["raydir (datasource V1)"]
     for name, med in summary.items():
-        print(f"{name:22s} median read {med:.2f} s  (all: {[round(t, 2) for t in times[name]]})")
-    base, ours = summary.values()
-    print(f"speed-up {base / ours:.2f}x; load average {tuple(round(v, 1) for v in os.getloadavg())}, "
-          f"{os.cpu_count()} CPUs")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"parquet_read_{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"args": vars(args), "times": times, "median": summary}, indent=1))
-    print(f"wrote {path}")
+        print(f"{name:36s} median read {med:.2f} s, {med / ours:4.1f}x raydir's  "
+              f"(all: {[round(t, 2) for t in times[name]]})")
+    print(load_line(load_before, os.getloadavg()))
+    save("parquet_read", {"args": vars(args), "times": times, "median": summary,
+                          "load_avg_before": load_before, "load_avg_after": os.getloadavg()})
     return 0
 
 

@@ -150,11 +150,11 @@ def check_input_exists(path: str) -> None:
                                 f"'{local_path(path).resolve()}').")
 
 
-def read_input(path: str, *, ordered: bool = False):
+def read_input(path: str):
     from raydir.data.table import read_table
 
     check_input_exists(path)
-    return read_table(path, ordered=ordered)
+    return read_table(path)  # in file order (raydir.data.base.read_parquet)
 
 
 # -- [4] write ---------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def predict(model_uri: str, input_path: str, output: str, *, batch_size: int | N
     info = load_model_info(ref)
     log(f"model {model_uri} -> {ref.resolved_uri} (run {ref.run_id}) from {uri}")
     connect_ray(num_actors)
-    ds = read_input(input_path, ordered=layout == "file")
+    ds = read_input(input_path)
     schema = ds.schema()
     if schema is None:
         raise UserError(f"--input '{input_path}' holds no rows.")

@@ -160,16 +160,10 @@ def check_ray_address(address: str | None = None) -> None:
 
 def local_ray_environment() -> None:
     """Environment for a Ray instance about to be started in this process (its processes
-    inherit it), each unless already set:
-
-    * the report poll interval above;
-    * Parquet footer readers: Ray Data starts 32 actors (processes) for every Parquet read,
-      made for buckets of many files; on one machine a quarter of its cores is plenty (on 2
-      cores a read of the prepared-data cache takes 1.0 s instead of 2.1-3.4 s).
-    """
+    inherit it), unless already set: the report poll interval above. (Parquet needs nothing:
+    raydir reads it through Ray Data's datasource V1, which starts no footer-reader actors;
+    :func:`raydir.data.base.read_parquet`.)"""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_REPORT_POLL_S)
-    footer_actors = min(32, max(1, (os.cpu_count() or 1) // 4))
-    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", str(footer_actors))
 
 
 def _free_port() -> int:

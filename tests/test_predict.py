@@ -76,10 +76,11 @@ def test_predict_keeps_columns_and_order_and_matches_pyfunc(tmp_path, tracking_e
 
 
 def test_predict_one_file_read_in_pieces_keeps_input_order(tmp_path, tracking_env, monkeypatch):
-    # Ray Data's Parquet reader (datasource V2) packs a file's row groups into read units of
-    # RAY_DATA_PARQUET_BIN_PACKING_BYTES (128 MiB) and emits them out of order even with
-    # preserve_order: a 2M-row file came back starting at row 860,000. 16 KiB units make a
-    # 3,000-row file several units, as a few hundred MB would be.
+    # Ray Data's Parquet datasource V2 (Ray's default) packs a file's row groups into read
+    # units of RAY_DATA_PARQUET_BIN_PACKING_BYTES (128 MiB) and emits them out of order even
+    # with preserve_order: a 2M-row file came back starting at row 860,000. raydir reads
+    # through V1 (raydir.data.base.read_parquet); 16 KiB units make this 3,000-row file
+    # several units under V2, as a few hundred MB would be, so a read through V2 fails here.
     monkeypatch.setenv("RAY_DATA_PARQUET_BIN_PACKING_BYTES", str(16 << 10))
     df = _raw_frame(3000, seed=2)
     df.to_parquet(tmp_path / "in.parquet", row_group_size=100)

@@ -119,6 +119,27 @@ def filesystem_for(path: str):
     return pafs.LocalFileSystem(), str(local_path(path).resolve())
 
 
+def read_parquet(path: str):
+    """``ray.data.read_parquet(path)`` through Ray Data's Parquet datasource V1.
+
+    Ray 2.60 reads Parquet through its datasource V2 by default, which (a) starts a pool of
+    footer-reader actors for every read: on 2 cores reading a prepared-data cache of three
+    splits took 4-7 s against 0.3-0.7 s with V1 (``benchmarks/bench_parquet_read.py``), and
+    (b) packs row groups into read units that come out of order even when the execution
+    preserves order (a 2M-row file came back starting at row 860,000), which broke
+    ``raydir predict``'s promise of input order. The flag is read when the read is planned,
+    on the driver, so it is set around the call only."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.use_datasource_v2
+    ctx.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(path)
+    finally:
+        ctx.use_datasource_v2 = saved
+
+
 def numeric_column(table, column: str, file: str):
     """float64 array from a text column of a pyarrow table: blanks become NaN (for
     ``data.nan_policy``); any other non-number is an error naming the file, the count and the

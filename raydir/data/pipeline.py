@@ -46,7 +46,8 @@ import numpy as np
 from raydir._checks import check_choice
 from raydir.bins import SHOTS, Bins, ShotRegions
 from raydir.data.base import (BIN, FEATURES, SPLITS, TARGET, WEIGHT, ModelInfo, SourceData,
-                              check_resample_input, is_uri, local_path, resolve_bins)
+                              check_resample_input, is_uri, local_path, read_parquet,
+                              resolve_bins)
 
 CACHE_VERSION = 1  # bump when the layout or the meaning of the cached columns changes
 SOURCE_MODULES = {
@@ -547,9 +548,7 @@ def _check_writable(root: Path) -> None:
 
 
 def _read_cached(entry: Path, manifest: dict) -> dict[str, Any]:
-    import ray.data
-
-    return {s: ray.data.read_parquet(str(entry / s)) for s in SPLITS}
+    return {s: read_parquet(str(entry / s)) for s in SPLITS}
 
 
 def _json_safe(value: Any) -> Any:

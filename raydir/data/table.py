@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from raydir.bins import Bins
 from raydir.data.base import (FEATURES, OTHER, SPLITS, EncodeBatch, FeatureEncoder, SourceData,
-                              filesystem_for, is_uri, local_path, resolve_bins)
+                              filesystem_for, is_uri, local_path, read_parquet, resolve_bins)
 
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2")
@@ -96,15 +96,9 @@ def check_not_empty(path: str) -> None:
         )
 
 
-def read_table(path: str, fmt: str = "auto", *, ordered: bool = False):
-    """A lazy Ray Dataset over the Parquet / CSV file(s) at ``path`` (local or URI).
-
-    ``ordered``: the rows must come out in file order (with ``preserve_order`` set on the
-    execution). Ray Data's Parquet datasource V2 packs row groups into read units of
-    ``RAY_DATA_PARQUET_BIN_PACKING_BYTES`` (128 MiB) and emits them out of order even when the
-    execution preserves order (a 2M-row file came back starting at row 860,000), so an ordered
-    read goes through the V1 datasource, which keeps file and row-group order.
-    """
+def read_table(path: str, fmt: str = "auto"):
+    """A lazy Ray Dataset over the Parquet / CSV file(s) at ``path`` (local or URI), rows in
+    file order when the execution preserves order (Parquet: :func:`~raydir.data.base.read_parquet`)."""
     import ray.data
 
     if not path:
@@ -117,15 +111,9 @@ def read_table(path: str, fmt: str = "auto", *, ordered: bool = False):
     check_not_empty(path)
     if not is_uri(path):
         path = str(local_path(path).resolve())  # Ray workers may run elsewhere
-    if kind != "parquet":
-        return ray.data.read_csv(path)
-    ctx = ray.data.DataContext.get_current()
-    v2 = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = v2 and not ordered  # chosen when the read is planned, here
-    try:
-        return ray.data.read_parquet(path)
-    finally:
-        ctx.use_datasource_v2 = v2
+    if kind == "parquet":
+        return read_parquet(path)
+    return ray.data.read_csv(path)
 
 
 def _is_numeric(t: pa.DataType) -> bool:
