@@ -123,7 +123,10 @@ def main() -> int:
     for i in range(n_row):
         model.predict(df.iloc[i:i + 1])
     t_row = time.perf_counter() - t0
-    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9)
+    # the same rows in input order; the float32 forward of a row can differ in its last bits
+    # with the batch it is computed in (BLAS blocking; Ray Data's batches need not start where
+    # the loop's slices do): seen 4e-6 on predictions around 50
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=0)
 
     result = {
         "rows": args.rows, "batch_size": args.batch_size, "num_actors": args.num_actors,
