@@ -61,9 +61,10 @@ def quiet_console(verbose: bool = False) -> None:
     # that a local instance turned token authentication on, and the raylet's note that it
     # started more Python workers at once than it has CPUs (Tune trials + Train workers + Ray
     # Data actors on a 2-core machine).
+    # (The raylet's lines are filtered when Ray starts: ``ensure_ray``; importing Ray here would
+    # slow every command that fails on a user mistake.)
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
         _DropMessages(*RAY_NOTICES))
-    _drop_raylet_notices()
 
 
 # Fragments of Ray's console notices that raydir hides unless --verbose.
@@ -187,6 +188,7 @@ def ensure_ray(num_cpus_needed: float = 0) -> None:
     kwargs = {"log_to_driver": VERBOSE["on"]}
     if not VERBOSE["on"]:
         kwargs["logging_level"] = logging.WARNING
+        _drop_raylet_notices()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
         return

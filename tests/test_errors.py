@@ -321,10 +321,11 @@ def test_quiet_console_hides_rays_local_notices_and_keeps_other_raylet_lines(cap
 
     import ray._private.worker as ray_worker
 
-    from raydir.runtime import quiet_console
+    from raydir.runtime import _drop_raylet_notices, quiet_console
 
     quiet_console(verbose=False)
-    quiet_console(verbose=False)  # wraps once
+    _drop_raylet_notices()  # what ensure_ray does before ray.init when not --verbose
+    _drop_raylet_notices()  # wraps once
     notice = ("WARNING: 8 PYTHON worker processes have been started on node: abc with address: "
               "127.0.0.1, which is 4x the maximum expected startup concurrency (2).")
     ray_worker.print_to_stdstream({"lines": [notice, "actor died: out of memory"], "pid": "raylet",
