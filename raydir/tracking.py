@@ -169,21 +169,6 @@ def log_step(client, run_id: str, values: dict, step: int) -> None:
 
 
 # -- driver-side run lifecycle ---------------------------------------------------------------
-def warm_store(uri: str, experiment: str):
-    """Open the tracking store and find or create ``experiment`` in a background thread (a new
-    SQLite file is created and migrated on first use: ~2 s), so that it overlaps the start of
-    Ray; MLflow keeps the opened store for this URI. Returns a Future: ``.result()`` before the
-    run is created, which raises whatever opening the store raised."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from mlflow.tracking import MlflowClient  # imported here, not in the thread
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="raydir-mlflow-store")
-    future = pool.submit(lambda: experiment_id(MlflowClient(uri), uri, experiment))
-    pool.shutdown(wait=False)
-    return future
-
-
 def start_run(uri: str, cfg, *, resume: str | None = None, extra_params: dict | None = None,
               changes: dict | None = None):
     """Create the run (params = the flattened resolved config), or reopen ``resume`` (tagged

@@ -168,14 +168,11 @@ def run_training(cfg: Config, *, resume: str | None = None, allow_change=(),
                             f"(train.storage_path / RAYDIR_STORAGE); start a new run instead.")
         last = int(reports[-1]["epoch"]) + 1
         log(f"resuming run {resume} at epoch {last + 1}/{cfg.total_epochs} (checkpoint of epoch {last})")
-    store = None if resume else tracking.warm_store(uri, cfg.tracking.experiment)
     connect_ray(t.num_workers * t.cpus_per_worker)
     prepared = prepare(cfg, log=log).train_in_memory(t.materialize, log=log)
     info = prepared.model_info(cfg.target_scale)
 
     derived = derived_params(cfg, prepared)
-    if store is not None:
-        store.result()  # opened while Ray started and the data were prepared
     run = tracking.start_run(uri, cfg, resume=resume, extra_params=derived, changes=changes)
     log(f"MLflow run {run.run_id} in experiment '{cfg.tracking.experiment}' at {uri}")
     unused = derived["derived.train_rows_unused"]
