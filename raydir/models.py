@@ -90,17 +90,30 @@ def model_kind(cfg: Config, info: ModelInfo) -> str:
     return {"features": "mlp", "tokens": "bilstm", "image": "resnet"}[info.input_kind]
 
 
+# What each encoder reads (ModelInfo.input_kind).
+ENCODER_INPUTS = {"mlp": "features", "text_pair": "features", "bilstm": "tokens", "resnet": "image"}
+_INPUT_WORDS = {"features": "a feature vector", "tokens": "token ids", "image": "images"}
+
+
+def check_model_inputs(cfg: Config, info: ModelInfo) -> None:
+    """Refuse an encoder that cannot read the data's inputs (a ResNet on a table), before any
+    worker starts; ValueError naming both."""
+    kind = model_kind(cfg, info)
+    wanted = ENCODER_INPUTS.get(kind)
+    if wanted is not None and info.input_kind != wanted:
+        raise ValueError(
+            f"'model.kind' is {kind!r}, which reads {_INPUT_WORDS[wanted]}, but the data source "
+            f"gives {info.input_kind!r} inputs. Use model.kind=auto."
+        )
+
+
 def build_encoder(cfg: Config, info: ModelInfo) -> nn.Module:
     from raydir import encoders
 
+    check_model_inputs(cfg, info)
     kind = model_kind(cfg, info)
     m = cfg.model
     if kind in ("mlp", "text_pair"):
-        if info.input_kind != "features":
-            raise ValueError(
-                f"'model.kind' is {kind!r}, which reads a feature vector, but the data source gives "
-                f"{info.input_kind!r} inputs. Use model.kind=auto."
-            )
         return encoders.MLPEncoder(int(info.num_features), list(m.hidden), m.feature_dim, m.dropout)
     if kind == "bilstm":
         embedding = encoders.load_glove_matrix()

@@ -154,6 +154,7 @@ def run_training(cfg: Config, *, resume: str | None = None, allow_change=(),
     from raydir import tracking
     from raydir.data.pipeline import prepare
     from raydir.errors import UserError
+    from raydir.models import check_model_inputs
     from raydir.runtime import (checkpointed_reports, connect_ray, preflight, storage_root,
                                 tracking_uri_checked)
 
@@ -171,6 +172,7 @@ def run_training(cfg: Config, *, resume: str | None = None, allow_change=(),
     connect_ray(t.num_workers * t.cpus_per_worker)
     prepared = prepare(cfg, log=log).train_in_memory(t.materialize, log=log)
     info = prepared.model_info(cfg.target_scale)
+    check_model_inputs(cfg, info)  # before the run is created and the workers start
 
     derived = derived_params(cfg, prepared)
     run = tracking.start_run(uri, cfg, resume=resume, extra_params=derived, changes=changes)
@@ -208,8 +210,11 @@ def fit_and_finish(trainer, uri: str, run_id: str, cfg: Config, prepared, info: 
     from raydir import tracking
     from raydir.runtime import checkpointed_reports
 
+    from raydir.models import check_model_inputs
+
     printer = tracking.EpochPrinter(uri, run_id, cfg.total_epochs, log=log) if progress else None
     try:
+        check_model_inputs(cfg, info)  # a trial's encoder that cannot read the data: no workers
         result = _fit_in_thread(trainer, printer)
         if result.error:
             raise result.error

@@ -459,3 +459,17 @@ def test_balanced_mse_works_in_training_units():
                               calibrated=torch.zeros(64, 8), epoch=0)
             values.append(float(term(step).detach()))
         assert values[1] == pytest.approx(values[0], rel=1e-4, abs=1e-5), name
+
+
+@pytest.mark.parametrize("kind, reads", [("resnet", "images"), ("bilstm", "token ids")])
+def test_an_encoder_that_cannot_read_the_inputs_is_refused_before_the_workers(kind, reads):
+    from raydir.models import build_model, check_model_inputs
+
+    cfg = make_config(model={"kind": kind})
+    with pytest.raises(ValueError, match=f"'model.kind' is '{kind}', which reads {reads}, but the "
+                                         f"data source gives 'features' inputs"):
+        check_model_inputs(cfg, make_info())
+    with pytest.raises(ValueError, match="Use model.kind=auto"):
+        build_model(cfg, make_info())
+    check_model_inputs(make_config(model={"kind": "auto"}), make_info())
+    check_model_inputs(make_config(model={"kind": "mlp"}), make_info())
