@@ -60,9 +60,8 @@ def quiet_console(verbose: bool = False) -> None:
     # Notices of Ray's that are not the user's business on a local run (--verbose shows them):
     # that a local instance turned token authentication on, and the raylet's note that it
     # started more Python workers at once than it has CPUs (Tune trials + Train workers + Ray
-    # Data actors on a 2-core machine).
-    # (The raylet's lines are filtered when Ray starts: ``ensure_ray``; importing Ray here would
-    # slow every command that fails on a user mistake.)
+    # Data actors on 2 cores). The raylet's lines are filtered by ``ensure_ray`` (importing
+    # Ray here would slow every command that fails on a user mistake).
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
         _DropMessages(*RAY_NOTICES))
 

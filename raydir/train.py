@@ -208,9 +208,8 @@ def fit_and_finish(trainer, uri: str, run_id: str, cfg: Config, prepared, info: 
     logged when an interrupt lands are logged from Ray Train's checkpoint record here.
     """
     from raydir import tracking
-    from raydir.runtime import checkpointed_reports
-
     from raydir.models import check_model_inputs
+    from raydir.runtime import checkpointed_reports
 
     printer = tracking.EpochPrinter(uri, run_id, cfg.total_epochs, log=log) if progress else None
     try:
