@@ -12,7 +12,9 @@ driver's peak RSS is its own:
   same from the files in one process (``pyarrow.parquet.read_table`` of the folder, then the
   bincount): what a user without Ray would run, the fair single-process reference.
 
-``--datasource`` picks Ray Data's Parquet datasource in the Ray child
+``--blocks raydir`` (default) sizes the read's blocks as raydir does once Ray is up
+(``raydir.runtime.size_reads_to_cluster``: two per CPU, at least 8), ``--blocks ray`` keeps Ray
+Data's default of at least 200. ``--datasource`` picks Ray Data's Parquet datasource in the Ray child
 (``RAY_DATA_USE_DATASOURCE_V2``): ``v1`` (default) is what raydir reads with
 (``raydir.data.base.read_parquet``), ``v2`` is Ray 2.60's default.
 
@@ -70,7 +72,7 @@ def write_labels(folder: Path, n: int, files: int, seed: int = 0) -> None:
         pq.write_table(pa.table({"target": y}), folder / f"part-{i:03d}.parquet")
 
 
-def run_ray(folder: str, repeats: int, num_cpus: int | None) -> dict:
+def run_ray(folder: str, repeats: int, num_cpus: int | None, blocks: str = "raydir") -> dict:
     import logging
 
     import ray
@@ -80,6 +82,10 @@ def run_ray(folder: str, repeats: int, num_cpus: int | None) -> dict:
 
     rss_start = rss_mib()
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    if blocks == "raydir":
+        from raydir.runtime import size_reads_to_cluster
+
+        size_reads_to_cluster()  # as raydir does once Ray is up
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -92,6 +98,7 @@ def run_ray(folder: str, repeats: int, num_cpus: int | None) -> dict:
         counts = histogram(ray.data.read_parquet(folder), bins)
         times.append(time.perf_counter() - t)
     out = {"times_s": times, "counts": counts.tolist(), "rss_start_mib": rss_start,
+           "read_op_min_num_blocks": ctx.read_op_min_num_blocks,
            "rss_after_init_mib": rss_after_init, "peak_rss_mib": peak_rss_mib(),
            "cluster_cpus": ray.cluster_resources().get("CPU")}
     ray.shutdown()
@@ -125,9 +132,9 @@ def run_numpy(folder: str, repeats: int) -> dict:
 
 
 def child(method: str, folder: str, repeats: int, num_cpus: int | None,
-          datasource: str = "v1") -> dict:
+          datasource: str = "v1", blocks: str = "raydir") -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_histogram", "--worker", method,
-           "--dir", folder, "--repeats", str(repeats)]
+           "--dir", folder, "--repeats", str(repeats), "--blocks", blocks]
     if num_cpus:
         cmd += ["--num-cpus", str(num_cpus)]
     root = Path(__file__).resolve().parents[1]
@@ -149,12 +156,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--datasource", choices=["v1", "v2"], default="v1",
                     help="Ray Data's Parquet datasource (v1: raydir's reads; v2: Ray's default)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--blocks", choices=["raydir", "ray"], default="raydir",
+                    help="read blocks: raydir's size_reads_to_cluster, or Ray's default (200)")
     ap.add_argument("--worker", choices=["ray", "numpy"], help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:  # child process: one method, result as the last stdout line
-        res = run_ray(args.dir, args.repeats, args.num_cpus) if args.worker == "ray" \
+        res = run_ray(args.dir, args.repeats, args.num_cpus, args.blocks) if args.worker == "ray" \
             else run_numpy(args.dir, args.repeats)
         print(json.dumps(res))
         return None
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         write_s = time.perf_counter() - t
         size_mib = sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2**20
         for _ in range(args.rounds):
-            ray_res = child("ray", tmp, args.repeats, args.num_cpus, args.datasource)
+            ray_res = child("ray", tmp, args.repeats, args.num_cpus, args.datasource, args.blocks)
             np_res = child("numpy", tmp, args.repeats, None)
             round_ratios.append(min(ray_res["times_s"]) / min(np_res["times_s"]))
             round_file_ratios.append(min(ray_res["times_s"]) / min(np_res["files_times_s"]))
@@ -177,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise AssertionError("the Ray Data histogram differs from numpy.bincount")
     assert sum(np_res["counts"]) == args.n
     rows = []
-    for name, res, key in ((f"ray data {args.datasource} (read+bin+hist)", ray_res, "times_s"),
+    for name, res, key in ((f"ray {args.datasource}, {ray_res['read_op_min_num_blocks']} blocks", ray_res, "times_s"),
                            ("numpy.bincount (in memory)", np_res, "times_s"),
                            ("pyarrow read + bincount", np_res, "files_times_s")):
         best, first = min(res[key]), res[key][0]
@@ -210,7 +219,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "host": {"cpus": os.cpu_count(), "platform": platform.platform(),
                  "python": platform.python_version()},
         "rows": rows, "numpy_over_ray_ratio": ratio, "ratio_per_round": round_ratios,
-        "datasource": args.datasource, "ratio_to_files_per_round": round_file_ratios,
+        "datasource": args.datasource, "blocks": args.blocks,
+        "ratio_to_files_per_round": round_file_ratios,
         "load_avg_before": load_before, "load_avg_after": load_after,
         "ray": {k: v for k, v in ray_res.items() if k != "counts"},
         "numpy": {k: v for k, v in np_res.items() if k != "counts"},

@@ -190,8 +190,24 @@ def ensure_ray(num_cpus_needed: float = 0) -> None:
         _drop_raylet_notices()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
+        size_reads_to_cluster()
         return
     start_local_ray(max(os.cpu_count() or 1, int(math.ceil(num_cpus_needed)) + 1), **kwargs)
+
+
+def size_reads_to_cluster() -> None:
+    """Blocks per read from the cluster's CPUs: two per CPU, at least 8, at most Ray's default.
+
+    Ray Data cuts every read into at least ``DataContext.read_op_min_num_blocks`` blocks (200,
+    made for clusters). On a small machine the cost per block dominates: the histogram of 10M
+    labels in 20 Parquet files took 1.8-1.9 s with 200 blocks and 0.6 s with 8 on 2 cores.
+    A value the user lowered is kept."""
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    ctx.read_op_min_num_blocks = min(ctx.read_op_min_num_blocks, max(8, 2 * cpus))
 
 
 def start_local_ray(num_cpus: int, **init_kwargs) -> None:
@@ -210,6 +226,7 @@ def start_local_ray(num_cpus: int, **init_kwargs) -> None:
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, **init_kwargs)
+    size_reads_to_cluster()
 
 
 def connect_ray(num_cpus_needed: float = 0) -> None:
