@@ -69,13 +69,15 @@ def main() -> int:
     ap.add_argument("--row-loop-rows", type=int, default=1000)
     ap.add_argument("--model", help="existing model URI (needs $MLFLOW_TRACKING_URI)")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
+    ap.add_argument("--ray-default-blocks", action="store_true",
+                    help="keep Ray Data's 200 read blocks (raydir sizes them to the cluster)")
     args = ap.parse_args()
 
     import mlflow
     import ray
 
     from raydir.predict import default_batch_rows, load_model_info, predict, resolve_model
-    from raydir.runtime import local_ray_environment
+    from raydir.runtime import local_ray_environment, size_reads_to_cluster
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-predict-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
@@ -83,6 +85,8 @@ def main() -> int:
     local_ray_environment()  # as `raydir train` does for the local Ray it starts
     ray.init(num_cpus=args.num_cpus, include_dashboard=True, log_to_driver=False,
              configure_logging=False)
+    if not args.ray_default_blocks:
+        size_reads_to_cluster()  # what `raydir predict` does once it has started Ray
     ray_start = time.perf_counter() - t0
     model_uri = args.model or train_tiny(tmp)
     uri = os.environ["MLFLOW_TRACKING_URI"]
