@@ -77,16 +77,17 @@ def main() -> int:
     import ray
 
     from raydir.predict import default_batch_rows, load_model_info, predict, resolve_model
-    from raydir.runtime import local_ray_environment, size_reads_to_cluster
+    from ray.data.context import DEFAULT_READ_OP_MIN_NUM_BLOCKS
+
+    from raydir.runtime import start_local_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-predict-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
     t0 = time.perf_counter()
-    local_ray_environment()  # as `raydir train` does for the local Ray it starts
-    ray.init(num_cpus=args.num_cpus, include_dashboard=True, log_to_driver=False,
-             configure_logging=False)
-    if not args.ray_default_blocks:
-        size_reads_to_cluster()  # what `raydir predict` does once it has started Ray
+    # the local Ray as `raydir predict` starts it (its environment, read blocks sized to it)
+    start_local_ray(args.num_cpus, log_to_driver=False, configure_logging=False)
+    if args.ray_default_blocks:
+        ray.data.DataContext.get_current().read_op_min_num_blocks = DEFAULT_READ_OP_MIN_NUM_BLOCKS
     ray_start = time.perf_counter() - t0
     model_uri = args.model or train_tiny(tmp)
     uri = os.environ["MLFLOW_TRACKING_URI"]
