@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from raydir.runtime import local_ray_environment
+    from raydir.runtime import train_environment
     from raydir.train import run_training
 
     load_before = os.getloadavg()
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         save("train_epoch_compute", {"args": vars(args), "compute_only_epoch_s": compute,
                                      "load_avg_before": load_before, "load_avg_after": load_after})
         return 0
-    local_ray_environment()  # as `raydir train` does for the local Ray it starts
+    train_environment()  # as raydir does for every Ray Train run
     ray.init(num_cpus=max(os.cpu_count() or 1, args.workers + 2), include_dashboard=True,
              log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -70,11 +70,11 @@ def main() -> None:
     import ray
 
     from raydir.config import Config
-    from raydir.runtime import local_ray_environment
+    from raydir.runtime import train_environment
     from raydir.train import run_training
     from raydir.tune import run_sweep
 
-    local_ray_environment()  # as `raydir train` does for the local Ray it starts
+    train_environment()  # as raydir does for every Ray Train run
     ray.init(num_cpus=args.num_cpus, include_dashboard=True, log_to_driver=False,
              configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

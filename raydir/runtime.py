@@ -22,8 +22,9 @@ PROBE_TIMEOUT_S = 3.0
 
 # Ray Train's controller takes the workers' reports every 2 s by default, and a worker blocks
 # on its next report until the previous one is taken, so epochs shorter than that wait for the
-# poll. A local instance started by raydir polls more often.
-LOCAL_REPORT_POLL_S = "0.2"
+# poll. raydir's runs poll more often: Ray Train hands the driver's value of the variable to its
+# controller, so it holds on a local Ray and on a cluster raydir joins alike.
+REPORT_POLL_S = "0.2"
 
 
 # -- console ----------------------------------------------------------------------------------
@@ -158,12 +159,13 @@ def check_ray_address(address: str | None = None) -> None:
             )
 
 
-def local_ray_environment() -> None:
-    """Environment for a Ray instance about to be started in this process (its processes
-    inherit it), unless already set: the report poll interval above. (Parquet needs nothing:
-    raydir reads it through Ray Data's datasource V1, which starts no footer-reader actors;
-    :func:`raydir.data.base.read_parquet`.)"""
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_REPORT_POLL_S)
+def train_environment() -> None:
+    """Environment of a driver that runs Ray Train, unless already set: the report poll
+    interval above. Ray Train passes it from the driver to its controller, so it applies to a
+    cluster joined through $RAY_ADDRESS too, not only to a Ray started here. (Parquet needs
+    nothing: raydir reads it through Ray Data's datasource V1, which starts no footer-reader
+    actors; :func:`raydir.data.base.read_parquet`.)"""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
 
 
 def _free_port() -> int:
@@ -188,6 +190,7 @@ def ensure_ray(num_cpus_needed: float = 0) -> None:
     if not VERBOSE["on"]:
         kwargs["logging_level"] = logging.WARNING
         _drop_raylet_notices()
+    train_environment()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
         size_reads_to_cluster()
@@ -212,7 +215,7 @@ def size_reads_to_cluster() -> None:
 
 def start_local_ray(num_cpus: int, **init_kwargs) -> None:
     """``ray.init`` of a local instance with ``num_cpus`` logical CPUs, in the environment of
-    :func:`local_ray_environment`, with its dashboard.
+    :func:`train_environment`, with its dashboard.
 
     With the dashboard: Ray Train's placement-group cleaner asks its state API whether a
     controller is alive, and without it never frees the CPUs of a run whose controller was
@@ -222,7 +225,7 @@ def start_local_ray(num_cpus: int, **init_kwargs) -> None:
     """
     import ray
 
-    local_ray_environment()
+    train_environment()
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=port, **init_kwargs)

@@ -306,8 +306,10 @@ def build_trainer(cfg: Config, prepared, info: ModelInfo, *, tracking_uri: str, 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raydir.runtime import train_environment
     from raydir.tracking import metrics_callback
 
+    train_environment()  # in this process (a driver or a Tune trial): fit() hands it on
     t = cfg.train
     rrt_w = rrt_bin_weights(cfg, prepared.train_counts, log=lambda _m: None).tolist() \
         if cfg.rrt.enabled else None

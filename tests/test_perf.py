@@ -56,3 +56,21 @@ def test_predict_batch_size_defaults_from_the_row_size():
     assert default_batch_rows(info("features", [f"x{i}" for i in range(16)])) == 65536
     assert default_batch_rows(info("features", [f"x{i}" for i in range(4096)])) == 256
     assert default_batch_rows(info("image", ["path"])) == 16
+
+
+def test_report_poll_reaches_ray_trains_controller_on_any_ray(monkeypatch):
+    """Ray Train's controller takes reports every 2 s by default and a worker waits for it, so
+    short epochs wait too. raydir sets a shorter poll in the driver's environment, which Ray
+    Train hands to its controller: on a cluster joined through RAY_ADDRESS as well as on a Ray
+    raydir starts. A value the user set is kept."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from raydir.runtime import REPORT_POLL_S, train_environment
+
+    var = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    monkeypatch.delenv(var, raising=False)
+    train_environment()
+    assert get_env_vars_to_propagate()[var] == REPORT_POLL_S
+    monkeypatch.setenv(var, "1.5")
+    train_environment()
+    assert get_env_vars_to_propagate()[var] == "1.5"
