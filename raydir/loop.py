@@ -49,11 +49,11 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from raydir.config import Config
 from raydir.data.base import BIN, TARGET, ModelInfo
@@ -320,6 +320,33 @@ def _fds_of(parts: Parts, state: LoopState):
 def _inflight(parts: Parts, state: LoopState, epoch: int) -> bool:
     fds = _fds_of(parts, state)
     return fds is not None and parts.cfg.fds.gather == "inflight" and epoch >= parts.cfg.fds.start_update
+
+
+def concat_batches(batches: Iterable[dict]) -> dict[str, Tensor]:
+    """One dict of tensors from dicts of tensors with the same keys (rows stacked in order);
+    empty when ``batches`` is."""
+    batches = list(batches)
+    if not batches:
+        return {}
+    return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+
+
+def shuffled_batches(rows: dict[str, Tensor], batch_size: int, seed: int) -> Iterator[dict]:
+    """Batches of ``batch_size`` rows of ``rows`` (equal-length tensors) in a uniformly random
+    order drawn from ``seed``: every row exactly once, the last batch smaller when the count
+    is not a multiple. A training split is often stored in target order (a sorted table, a
+    file built bin by bin); a full permutation per epoch keeps each batch a sample of every
+    target range, which a shuffle window of a few batches does not."""
+    if batch_size < 1:
+        raise ValueError(f"'batch_size' should be a positive integer; got {batch_size}.")
+    if not rows:
+        return
+    first = next(iter(rows.values()))
+    order = torch.randperm(len(first), generator=torch.Generator().manual_seed(seed))
+    order = order.to(first.device)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield {key: value.index_select(0, idx) for key, value in rows.items()}
 
 
 def train_epoch(parts: Parts, state: LoopState, epoch: int, batches: Iterable[dict]) -> dict:

@@ -45,11 +45,17 @@ def _quiet_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def _train_batches(shard, cfg: Config, epoch: int, rank: int, device):
+def _train_batches(shard, cfg: Config, epoch: int, rank: int, device, held: dict | None):
+    """This epoch's training batches. ``held``: the rank's whole in-memory piece as tensors,
+    drawn in a fresh uniformly random order each epoch (:func:`raydir.loop.shuffled_batches`);
+    None: streamed from the cache through a local shuffle window (rows within a few batches of
+    each other in the stored order are mixed; blocks come in their stored order)."""
+    seed = cfg.train.seed * 100_003 + epoch * 101 + rank
+    if held is not None:
+        return loop.shuffled_batches(held, cfg.train.batch_size, seed)
     return shard.iter_torch_batches(
         batch_size=cfg.train.batch_size, device=device,
-        local_shuffle_buffer_size=max(4 * cfg.train.batch_size, 1024),
-        local_shuffle_seed=cfg.train.seed * 100_003 + epoch * 101 + rank)
+        local_shuffle_buffer_size=max(4 * cfg.train.batch_size, 1024), local_shuffle_seed=seed)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -87,6 +93,9 @@ def train_loop_per_worker(config: dict) -> None:
     # [1] shard: this rank's piece of the training split, or Ray Train's streaming split of it
     train_shard = ray.train.get_dataset_shard(f"train_{rank}" if config["train_pieces"] else "train")
     val_shard = ray.train.get_dataset_shard(f"val_{rank}")
+    # an in-memory piece is read once into tensors (every epoch then permutes all its rows)
+    held = loop.concat_batches(train_shard.iter_torch_batches(batch_size=None, device=device)) \
+        if config["train_pieces"] else None
 
     def eval_batches(shard):
         return shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, device=device)
@@ -94,7 +103,7 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(state.epoch + 1, cfg.total_epochs):
         start = time.perf_counter()
         loop.maybe_enter_stage_two(parts, state, epoch)
-        metrics = loop.train_epoch(parts, state, epoch, _train_batches(train_shard, cfg, epoch, rank, device))
+        metrics = loop.train_epoch(parts, state, epoch, _train_batches(train_shard, cfg, epoch, rank, device, held))
         metrics.update(loop.fds_end_of_epoch(parts, state, epoch, lambda: eval_batches(train_shard)))
         val, _ = loop.evaluate(parts.core, eval_batches(val_shard), info,
                                expected_rows=config["sizes"]["val"], split="val")

@@ -473,3 +473,38 @@ def test_an_encoder_that_cannot_read_the_inputs_is_refused_before_the_workers(ki
         build_model(cfg, make_info())
     check_model_inputs(make_config(model={"kind": "auto"}), make_info())
     check_model_inputs(make_config(model={"kind": "mlp"}), make_info())
+
+
+def test_shuffled_batches_draw_every_row_once_in_a_full_random_order():
+    """A training split stored in target order (sorted tables and files built bin by bin are
+    common): each epoch's batches hold every row once, in an order drawn from the seed, and
+    each batch samples the whole target range, not a neighbourhood of the stored order."""
+    n, batch = 1000, 64
+    rows = {TARGET: torch.arange(n, dtype=torch.float64), BIN: torch.arange(n) // 10,
+            "features": torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 3)}
+    batches = list(loop.shuffled_batches(rows, batch, seed=7))
+    assert [len(b[TARGET]) for b in batches] == [batch] * (n // batch) + [n % batch]
+    seen = torch.cat([b[TARGET] for b in batches])
+    assert torch.equal(seen.sort().values, rows[TARGET])            # every row exactly once
+    for b in batches:                                               # rows stay together
+        assert torch.equal(b[BIN], b[TARGET].long() // 10)
+        assert torch.equal(b["features"][:, 2].double(), b[TARGET])
+    # a batch of a uniform permutation spans most of the range (a 1024-row shuffle window
+    # over sorted rows would span about a tenth of it here)
+    spans = [float(b[TARGET].max() - b[TARGET].min()) for b in batches[:-1]]
+    assert min(spans) > 0.8 * n
+    again = torch.cat([b[TARGET] for b in loop.shuffled_batches(rows, batch, seed=7)])
+    other = torch.cat([b[TARGET] for b in loop.shuffled_batches(rows, batch, seed=8)])
+    assert torch.equal(seen, again) and not torch.equal(seen, other)
+    assert list(loop.shuffled_batches({}, batch, seed=0)) == []
+    with pytest.raises(ValueError, match="'batch_size'"):
+        next(loop.shuffled_batches(rows, 0, seed=0))
+
+
+def test_concat_batches_stacks_rows_in_order():
+    parts = [{TARGET: torch.tensor([1.0, 2.0]), BIN: torch.tensor([0, 1])},
+             {TARGET: torch.tensor([3.0]), BIN: torch.tensor([2])}]
+    out = loop.concat_batches(iter(parts))
+    assert torch.equal(out[TARGET], torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(out[BIN], torch.tensor([0, 1, 2]))
+    assert loop.concat_batches([]) == {}
