@@ -448,7 +448,8 @@ class PreparedData:
             if on_disk * PARQUET_EXPANSION > fraction * store:
                 log(f"training split streamed from {entry} (about {on_disk * PARQUET_EXPANSION / 2**30:.2f} "
                     f"GiB in memory > {fraction:.0%} of the {store / 2**30:.2f} GiB object store); "
-                    f"set train.materialize=always to hold it in memory anyway")
+                    f"set train.materialize=always to hold it in memory anyway; streamed rows "
+                    f"are mixed only within a few batches of their stored order")
                 return self
         base = self.base_datasets["train"].materialize()
         return dataclasses.replace(
