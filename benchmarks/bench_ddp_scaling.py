@@ -7,6 +7,10 @@ validation), so that what it shows is the effect of the processes' torch threads
 * ``1 process, 1 thread``          the baseline throughput (rows / s);
 * ``2 DDP processes, 1 thread each``  each calls ``raydir.perf.set_worker_threads(1)`` (what a
                                     Ray Train worker with ``cpus_per_worker: 1`` should do);
+* ``2 DDP, 1 thread each, one bucket`` the same with DDP's ``bucket_cap_mb=1024,
+                                    gradient_as_bucket_view=True`` (``ONE_BUCKET``): one
+                                    all-reduce after the backward pass instead of several
+                                    overlapping it;
 * ``2 DDP processes, torch default`` torch's default intra-op threads (one per core) in each:
                                     the oversubscribed case.
 
@@ -36,7 +40,13 @@ from benchmarks._report import load_line, save
 
 
 
-def train_steps(args, rank: int, world: int, threads: int | None, out: str | None) -> float:
+# DDP options of the "one bucket" variant: the whole gradient reduced in one all-reduce after
+# the backward pass (no overlap with it), written straight into the gradients (no copy).
+ONE_BUCKET = {"bucket_cap_mb": 1024, "gradient_as_bucket_view": True}
+
+
+def train_steps(args, rank: int, world: int, threads: int | None, out: str | None,
+                ddp_kwargs: dict | None = None) -> float:
     """Rows per second of this rank's training steps (DDP when world > 1)."""
     from raydir.perf import set_worker_threads
 
@@ -49,7 +59,7 @@ def train_steps(args, rank: int, world: int, threads: int | None, out: str | Non
         width = h
     model = torch.nn.Sequential(*layers, torch.nn.Linear(width, 1))
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, **(ddp_kwargs or {}))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(args.rows // world, args.features, generator=g)
@@ -73,18 +83,20 @@ def train_steps(args, rank: int, world: int, threads: int | None, out: str | Non
     return rate
 
 
-def _ddp_worker(rank: int, args, world: int, threads: int | None, tmp: str) -> None:
+def _ddp_worker(rank: int, args, world: int, threads: int | None, tmp: str,
+                ddp_kwargs: dict | None = None) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
                             world_size=world)
     try:
-        train_steps(args, rank, world, threads, f"{tmp}/rank{rank}.json" if rank == 0 else None)
+        train_steps(args, rank, world, threads, f"{tmp}/rank{rank}.json" if rank == 0 else None,
+                    ddp_kwargs)
     finally:
         dist.destroy_process_group()
 
 
-def run_variant(args, world: int, threads: int | None) -> dict:
+def run_variant(args, world: int, threads: int | None, ddp_kwargs: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_ddp_") as tmp:
         if world == 1:
             ctx = mp.get_context("spawn")  # a fresh process like the workers: same start state
@@ -92,7 +104,8 @@ def run_variant(args, world: int, threads: int | None) -> dict:
             proc.start()
             proc.join()
         else:
-            mp.spawn(_ddp_worker, args=(args, world, threads, tmp), nprocs=world, join=True)
+            mp.spawn(_ddp_worker, args=(args, world, threads, tmp, ddp_kwargs), nprocs=world,
+                     join=True)
         return json.loads(Path(f"{tmp}/rank0.json").read_text())
 
 
@@ -107,14 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
 
-    variants = {"1 process, 1 thread": (1, 1),
-                "2 DDP processes, 1 thread each": (2, 1),
-                "2 DDP processes, torch default threads": (2, None)}
+    variants = {"1 process, 1 thread": (1, 1, None),
+                "2 DDP processes, 1 thread each": (2, 1, None),
+                "2 DDP, 1 thread each, one bucket": (2, 1, ONE_BUCKET),
+                "2 DDP processes, torch default threads": (2, None, None)}
     load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     for rnd in range(args.rounds):
-        for name, (world, threads) in variants.items():
-            res = run_variant(args, world, threads)
+        for name, (world, threads, ddp_kwargs) in variants.items():
+            res = run_variant(args, world, threads, ddp_kwargs)
             res["load_1m"] = os.getloadavg()[0]
             runs[name].append(res)
             print(f"[round {rnd}] {name:40s} {res['rows_per_s']:9.0f} rows/s  "

@@ -64,7 +64,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from raydir.perf import set_worker_threads
+    from raydir.perf import ddp_options, set_worker_threads
 
     _quiet_report_log()
     cfg = Config.from_dict(config["cfg"])
@@ -74,7 +74,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     def wrap(core):  # [2] prepare model. FDS buffers are not broadcast by DDP: they are all-reduced.
-        return ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"broadcast_buffers": False})
+        return ray.train.torch.prepare_model(core, parallel_strategy_kwargs={
+            "broadcast_buffers": False, **ddp_options(cfg.train.use_gpu)})
 
     parts = loop.build_parts(cfg, info, bin_weights=config["bin_weights"],
                              train_counts=config.get("train_counts"),

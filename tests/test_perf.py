@@ -74,3 +74,48 @@ def test_report_poll_reaches_ray_trains_controller_on_any_ray(monkeypatch):
     monkeypatch.setenv(var, "1.5")
     train_environment()
     assert get_env_vars_to_propagate()[var] == "1.5"
+
+
+def test_ddp_options_on_cpu_train_to_the_same_parameters(tmp_path):
+    """CPU workers wrap the model with one gradient bucket and gradients as bucket views
+    (faster on few cores, see raydir.perf.ddp_options); GPU workers keep DDP's defaults. Two
+    gloo processes reach bitwise the same parameters either way (Adam, clipping,
+    zero_grad(set_to_none=True), as the training loop steps)."""
+    from raydir.perf import ddp_options
+
+    assert ddp_options(True) == {}
+    assert ddp_options(False) == {"bucket_cap_mb": 1024, "gradient_as_bucket_view": True}
+    script = tmp_path / "ddp.py"
+    script.write_text('''
+import sys, tempfile, torch, torch.distributed as dist, torch.multiprocessing as mp
+from raydir.perf import ddp_options
+
+def run(rank, store, options, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False, **options)
+    opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(5):
+        x, y = torch.randn(16, 8, generator=g), torch.randn(16, 1, generator=g)
+        loss = torch.nn.functional.mse_loss(ddp(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ddp.parameters(), 0.5)
+        opt.step()
+    if rank == 0:
+        torch.save([p.detach().clone() for p in model.parameters()], out)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    params = []
+    for options in ({}, ddp_options(False)):
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(run, args=(f"{tmp}/store", options, f"{tmp}/p.pt"), nprocs=2, join=True)
+            params.append(torch.load(f"{tmp}/p.pt"))
+    print(all(torch.equal(a, b) for a, b in zip(*params)), len(params[0]))
+''')
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "4"]
