@@ -331,12 +331,15 @@ def concat_batches(batches: Iterable[dict]) -> dict[str, Tensor]:
     return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
 
 
-def shuffled_batches(rows: dict[str, Tensor], batch_size: int, seed: int) -> Iterator[dict]:
+def shuffled_batches(rows: dict[str, Tensor], batch_size: int, seed: int,
+                     device: torch.device | str | None = None) -> Iterator[dict]:
     """Batches of ``batch_size`` rows of ``rows`` (equal-length tensors) in a uniformly random
     order drawn from ``seed``: every row exactly once, the last batch smaller when the count
-    is not a multiple. A training split is often stored in target order (a sorted table, a
-    file built bin by bin); a full permutation per epoch keeps each batch a sample of every
-    target range, which a shuffle window of a few batches does not."""
+    is not a multiple; each batch moved to ``device`` (None: where ``rows`` are), so a split
+    held in host memory trains on a GPU a batch at a time. A training split is often stored
+    in target order (a sorted table, a file built bin by bin); a full permutation per epoch
+    keeps each batch a sample of every target range, which a shuffle window of a few batches
+    does not."""
     if batch_size < 1:
         raise ValueError(f"'batch_size' should be a positive integer; got {batch_size}.")
     if not rows:
@@ -346,7 +349,8 @@ def shuffled_batches(rows: dict[str, Tensor], batch_size: int, seed: int) -> Ite
     order = order.to(first.device)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        yield {key: value.index_select(0, idx) for key, value in rows.items()}
+        yield {key: value.index_select(0, idx).to(device or value.device, non_blocking=True)
+               for key, value in rows.items()}
 
 
 def train_epoch(parts: Parts, state: LoopState, epoch: int, batches: Iterable[dict]) -> dict:

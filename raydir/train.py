@@ -52,7 +52,7 @@ def _train_batches(shard, cfg: Config, epoch: int, rank: int, device, held: dict
     each other in the stored order are mixed; blocks come in their stored order)."""
     seed = cfg.train.seed * 100_003 + epoch * 101 + rank
     if held is not None:
-        return loop.shuffled_batches(held, cfg.train.batch_size, seed)
+        return loop.shuffled_batches(held, cfg.train.batch_size, seed, device)
     return shard.iter_torch_batches(
         batch_size=cfg.train.batch_size, device=device,
         local_shuffle_buffer_size=max(4 * cfg.train.batch_size, 1024), local_shuffle_seed=seed)
@@ -94,8 +94,9 @@ def train_loop_per_worker(config: dict) -> None:
     # [1] shard: this rank's piece of the training split, or Ray Train's streaming split of it
     train_shard = ray.train.get_dataset_shard(f"train_{rank}" if config["train_pieces"] else "train")
     val_shard = ray.train.get_dataset_shard(f"val_{rank}")
-    # an in-memory piece is read once into tensors (every epoch then permutes all its rows)
-    held = loop.concat_batches(train_shard.iter_torch_batches(batch_size=None, device=device)) \
+    # an in-memory piece is read once into host tensors (every epoch then permutes all its
+    # rows; batches go to the device one at a time)
+    held = loop.concat_batches(train_shard.iter_torch_batches(batch_size=None, device="cpu")) \
         if config["train_pieces"] else None
 
     def eval_batches(shard):

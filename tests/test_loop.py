@@ -497,6 +497,8 @@ def test_shuffled_batches_draw_every_row_once_in_a_full_random_order():
     other = torch.cat([b[TARGET] for b in loop.shuffled_batches(rows, batch, seed=8)])
     assert torch.equal(seen, again) and not torch.equal(seen, other)
     assert list(loop.shuffled_batches({}, batch, seed=0)) == []
+    moved = next(loop.shuffled_batches(rows, batch, seed=7, device="cpu"))
+    assert torch.equal(moved[TARGET], batches[0][TARGET]) and moved[TARGET].device.type == "cpu"
     with pytest.raises(ValueError, match="'batch_size'"):
         next(loop.shuffled_batches(rows, 0, seed=0))
 
