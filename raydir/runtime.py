@@ -162,7 +162,8 @@ def check_ray_address(address: str | None = None) -> None:
 def train_environment() -> None:
     """Environment of a driver that runs Ray Train, unless already set: the report poll
     interval above. Ray Train passes it from the driver to its controller, so it applies to a
-    cluster joined through $RAY_ADDRESS too, not only to a Ray started here. (Parquet needs
+    cluster joined through $RAY_ADDRESS too: ``build_trainer`` calls this in the process that
+    fits; a Ray started here gets it from :func:`start_local_ray`. (Parquet needs
     nothing: raydir reads it through Ray Data's datasource V1, which starts no footer-reader
     actors; :func:`raydir.data.base.read_parquet`.)"""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
@@ -190,7 +191,6 @@ def ensure_ray(num_cpus_needed: float = 0) -> None:
     if not VERBOSE["on"]:
         kwargs["logging_level"] = logging.WARNING
         _drop_raylet_notices()
-    train_environment()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
         size_reads_to_cluster()

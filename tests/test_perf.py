@@ -87,17 +87,15 @@ def test_ddp_options_on_cpu_train_to_the_same_parameters(tmp_path):
     assert ddp_options(False) == {"bucket_cap_mb": 1024, "gradient_as_bucket_view": True}
     script = tmp_path / "ddp.py"
     script.write_text('''
-import sys, tempfile, torch, torch.distributed as dist, torch.multiprocessing as mp
+import tempfile, torch, torch.distributed as dist, torch.multiprocessing as mp
 from raydir.perf import ddp_options
 
-def run(rank, store, options, out):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    torch.set_num_threads(1)
+def train(options):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False, **options)
     opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(rank)
+    g = torch.Generator().manual_seed(dist.get_rank())
     for _ in range(5):
         x, y = torch.randn(16, 8, generator=g), torch.randn(16, 1, generator=g)
         loss = torch.nn.functional.mse_loss(ddp(x), y)
@@ -105,17 +103,21 @@ def run(rank, store, options, out):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ddp.parameters(), 0.5)
         opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+def run(rank, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    params = [train({}), train(ddp_options(False))]
     if rank == 0:
-        torch.save([p.detach().clone() for p in model.parameters()], out)
+        torch.save(params, out)
     dist.destroy_process_group()
 
 if __name__ == "__main__":
-    params = []
-    for options in ({}, ddp_options(False)):
-        with tempfile.TemporaryDirectory() as tmp:
-            mp.spawn(run, args=(f"{tmp}/store", options, f"{tmp}/p.pt"), nprocs=2, join=True)
-            params.append(torch.load(f"{tmp}/p.pt"))
-    print(all(torch.equal(a, b) for a, b in zip(*params)), len(params[0]))
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(run, args=(f"{tmp}/store", f"{tmp}/p.pt"), nprocs=2, join=True)
+        default, options = torch.load(f"{tmp}/p.pt")
+    print(all(torch.equal(a, b) for a, b in zip(default, options)), len(default))
 ''')
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "4"]
