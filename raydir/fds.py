@@ -74,12 +74,19 @@ COVARIANCES = ("diag", "full")
 PADDINGS = ("mirror", "reflect")
 MIN_COUNT = 2  # samples a bin needs in one epoch for an unbiased variance
 
-# Elements of the float64 scratch buffer of add_bin_moments() (8 MB): bounds memory for big
-# inputs (a full covariance needs n * D * D for the outer products) without a loop over bins or
-# labels. The diag path converts and squares every chunk in this one buffer, allocated once per
-# call: it stays in cache between its passes, and fresh chunk-sized temporaries (a float64 copy
-# and its square per chunk) would page-fault on every chunk, which cost 2-4x the whole update.
+# Elements per chunk of add_bin_moments() with a full covariance (8 MB of float64 outer
+# products), and the size above which accumulate() takes a batch as a big input: bounds memory
+# for big inputs (a full covariance needs n * D * D for the outer products) without a loop over
+# bins or labels.
 _CHUNK_ELEMENTS = 1 << 20
+# Elements of the float64 scratch buffer in which the diag path of add_bin_moments() converts
+# and squares each chunk (1 MB), allocated once per call so that it stays in the core's cache
+# between its passes: fresh chunk-sized temporaries would page-fault on every chunk (2-4x the
+# whole update), and a buffer larger than the cache goes to memory on every pass. One call over
+# 100k x 512 float32 features on this project's machine (4 MiB L2 per core), in x the time of
+# `features.sum(0)`: 2.94x with 8 MB, 2.13x with 1 MB, 2.15x with 512 KB, 3.04x with 128 KB
+# (the per-chunk calls start to show).
+_SCRATCH_ELEMENTS = 1 << 17
 
 # Rows a working-precision window takes before it is folded into the float64 accumulators
 # (see add_shifted_rows): bounds the rounding error of the float32 sums (a bin's sum holds at
@@ -95,7 +102,7 @@ def add_bin_moments(count: Tensor, total: Tensor, second: Tensor, features: Tens
     (shape (B, D, D)) of ``features`` (n, D) into float64 accumulators, in place."""
     full = second.dim() == 3
     n, dim = features.shape
-    rows = max(1, min(n, _CHUNK_ELEMENTS // (dim * dim if full else dim)))
+    rows = max(1, min(n, _CHUNK_ELEMENTS // (dim * dim) if full else _SCRATCH_ELEMENTS // dim))
     count += torch.bincount(bin_index, minlength=count.shape[0])
     if n == 0:
         return

@@ -437,6 +437,7 @@ def test_bin_moments_of_float32_features_are_float64_exact_and_chunking_free(mon
         expected = zk.T @ zk if covariance == "full" else (zk * zk).sum(0)
         np.testing.assert_allclose(second[k].numpy(), expected, rtol=1e-13)
     monkeypatch.setattr(fds_module, "_CHUNK_ELEMENTS", 7)  # many chunks, and a ragged last one
+    monkeypatch.setattr(fds_module, "_SCRATCH_ELEMENTS", 7)
     for got, ref in zip(fds_module.bin_moments(z, idx, NUM_BINS, covariance), (count, total, second)):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
