@@ -308,9 +308,14 @@ def latest_run_tagged(uri: str, experiment: str, tag: str, value: str) -> str | 
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Close a run. A run already KILLED stays KILLED: ASHA stops a trial by killing it, the
+    sweep's driver marks its run KILLED, and the trial's own error path may come later."""
     from mlflow.tracking import MlflowClient
 
-    retry_locked(MlflowClient(uri).set_terminated, run_id, status=status)
+    client = MlflowClient(uri)
+    if status == "FAILED" and retry_locked(client.get_run, run_id).info.status == "KILLED":
+        return
+    retry_locked(client.set_terminated, run_id, status=status)
 
 
 def log_data_artifacts(uri: str, run_id: str, cfg, prepared) -> None:

@@ -7,7 +7,7 @@ from importlib.metadata import version
 
 from mlflow.tracking import MlflowClient
 
-from raydir.tracking import artifact_root, experiment_id, model_requirements
+from raydir.tracking import artifact_root, end_run, experiment_id, model_requirements
 
 
 def test_artifact_root_sits_beside_a_sqlite_database(tmp_path, monkeypatch):
@@ -27,6 +27,20 @@ def test_experiment_is_created_once_with_its_artifacts_beside_the_database(tmp_p
     assert experiment_id(client, uri, "dir runs") == first
     location = client.get_experiment(first).artifact_location
     assert location == f"{(tmp_path / 'db' / 'mlartifacts').as_uri()}/dir runs"
+
+
+def test_a_killed_run_is_not_turned_failed_by_a_late_error_path(tmp_path):
+    # ASHA: the sweep driver marks a stopped trial's run KILLED; the trial's own error path may
+    # close it after that.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = experiment_id(client, uri, "runs")
+    killed, running = (client.create_run(exp).info.run_id for _ in range(2))
+    end_run(uri, killed, "KILLED")
+    end_run(uri, killed, "FAILED")
+    end_run(uri, running, "FAILED")
+    assert client.get_run(killed).info.status == "KILLED"
+    assert client.get_run(running).info.status == "FAILED"
 
 
 def test_model_requirements_pin_the_installed_versions():
