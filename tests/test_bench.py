@@ -1,5 +1,5 @@
 """raydir bench: presets, suites, tables and bad input without Ray; one Ray test of the runner
-(2 methods + a failing one, 2 seeds, 2 epochs: table, nested MLflow runs, resume)."""
+(a method and a failing one, 2 seeds, 2 epochs: table, nested MLflow runs, resume)."""
 
 from __future__ import annotations
 
@@ -209,18 +209,18 @@ def test_bench_runs_resumes_marks_failures_and_nests_runs(tmp_path, ray_session,
             f"data.cache_dir={tmp_path}/cache", "train.epochs=2", "data.synthetic.n_train=800",
             "data.synthetic.per_bin_eval=3", "model.hidden=[32]", "model.feature_dim=16",
             "tracking.experiment=bench-test"]
-    plan = plan_bench("synthetic", ["vanilla", "lds", "broken"], 2, overrides=sets)
+    plan = plan_bench("synthetic", ["vanilla", "broken"], 2, overrides=sets)
     first = run_bench(plan, tmp_path / "out", callbacks=[_InterruptAfterFirst(str(tmp_path / "marker"))])
     assert first["interrupted"]
     done_first = {(r["method"], r["seed"]): r["run_id"] for r in first["records"] if r["status"] == "completed"}
     assert not (tmp_path / "out" / "bench.md").exists()
 
-    out = run_bench(plan_bench("synthetic", ["vanilla", "lds", "broken"], 2, overrides=sets), tmp_path / "out")
+    out = run_bench(plan_bench("synthetic", ["vanilla", "broken"], 2, overrides=sets), tmp_path / "out")
     assert not out["interrupted"] and out["name"] == first["name"]
     assert out["parent_run_id"] == first["parent_run_id"]
     status = {(r["method"], r["seed"]): r["status"] for r in out["records"]}
-    assert status == {("vanilla", 0): "completed", ("vanilla", 1): "completed", ("lds", 0): "completed",
-                      ("lds", 1): "completed", ("broken", 0): "error", ("broken", 1): "error"}
+    assert status == {("vanilla", 0): "completed", ("vanilla", 1): "completed",
+                      ("broken", 0): "error", ("broken", 1): "error"}
     for key, run_id in done_first.items():  # finished before the interruption: kept, not re-run
         assert next(r["run_id"] for r in out["records"] if (r["method"], r["seed"]) == key) == run_id
 
@@ -232,8 +232,7 @@ def test_bench_runs_resumes_marks_failures_and_nests_runs(tmp_path, ray_session,
     tags = sorted((c.data.tags["raydir.bench.method"], c.data.tags["raydir.bench.seed"], c.info.status)
                   for c in children)
     ok = [t for t in tags if t[0] != "broken"]
-    assert ok == [("lds", "0", "FINISHED"), ("lds", "1", "FINISHED"),
-                  ("vanilla", "0", "FINISHED"), ("vanilla", "1", "FINISHED")]
+    assert ok == [("vanilla", "0", "FINISHED"), ("vanilla", "1", "FINISHED")]
     assert {t[2] for t in tags if t[0] == "broken"} == {"FAILED"}
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "bench.md", "summary.csv", "trials.csv", "per_bin.csv", "bench_errors.png", "bench_per_bin.png"}
@@ -244,7 +243,7 @@ def test_bench_runs_resumes_marks_failures_and_nests_runs(tmp_path, ray_session,
                     "Interp. (carved) MAE | Extrap. (carved) MAE | Rest MAE |")
     assert "| broken † | failed |" in md and "broken failed on seed 0" in md
     summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index(["method", "metric"])
-    assert summary.loc[("lds", "all_mae"), "n"] == 2 and summary.loc[("lds", "all_mae"), "n_pairs"] == 2
+    assert summary.loc[("vanilla", "all_mae"), "n"] == 2
     # the interpolation / extrapolation rows come from the carved bins of the per-bin tables
     per_bin = pd.read_csv(tmp_path / "out" / "per_bin.csv")
     v0 = per_bin[(per_bin["method"] == "vanilla") & (per_bin["seed"] == 0)]
