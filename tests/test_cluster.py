@@ -157,7 +157,7 @@ class Processes:
                 os.killpg(p.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        deadline = time.time() + 8  # then SIGKILL: the temporary folders go with the module
+        deadline = time.time() + 3  # then SIGKILL: the temporary folders go with the module
         for p in self.procs:
             try:
                 p.wait(timeout=max(0.1, deadline - time.time()))
