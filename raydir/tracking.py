@@ -120,10 +120,13 @@ def metrics_callback(tracking_uri: str, run_id: str, final_step: int):
 
         def __setstate__(self, state):
             # Unpickled on the controller as the run starts: import MLflow and open the store
-            # while the workers start, not when the first report is waiting (about 2 s).
+            # while the workers start, not when the first report is waiting (about 2 s). Ray
+            # Train also hands the run config (with this callback) to every training worker,
+            # which never logs: importing MLflow there would cost each worker 2-3 s of CPU.
             self.__init__()
             self.logged = state["logged"]
-            threading.Thread(target=self.client, name="raydir-mlflow-open", daemon=True).start()
+            if not _in_training_worker():
+                threading.Thread(target=self.client, name="raydir-mlflow-open", daemon=True).start()
 
         def client(self):
             with self._lock:
@@ -144,6 +147,17 @@ def metrics_callback(tracking_uri: str, run_id: str, final_step: int):
                 self.logged.add(step)
 
     return MetricsToMlflow()
+
+
+def _in_training_worker() -> bool:
+    """Whether this process runs a Ray Train worker's task (its actor class is Ray Train's
+    ``RayTrainWorker``), where the run config arrives as the train context is set up."""
+    import ray
+
+    try:
+        return (ray.get_runtime_context().get_task_name() or "").startswith("RayTrainWorker")
+    except Exception:  # noqa: BLE001 - not in a Ray task: the driver or a plain unpickle
+        return False
 
 
 def logged_steps(client, run_id: str, key: str = "train_loss") -> set[int]:

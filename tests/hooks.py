@@ -34,8 +34,9 @@ class KillOnce(LoopCallback):
 
 
 class DumpFDS(LoopCallback):
-    """Every rank's FDS statistics after each update (``rank{r}_epoch{e}.pt``) and its node
-    (``rank{r}_node.txt``); after a restore, the restored ones (``restored_rank{r}_epoch{e}.pt``)."""
+    """Every rank's FDS statistics after each update (``rank{r}_epoch{e}.pt``), its node
+    (``rank{r}_node.txt``) and whether the worker has imported MLflow (``rank{r}_mlflow.txt``:
+    it never logs); after a restore, the restored ones (``restored_rank{r}_epoch{e}.pt``)."""
 
     def __init__(self, folder: str):
         self.folder = Path(folder)
@@ -45,6 +46,7 @@ class DumpFDS(LoopCallback):
 
         torch.save(parts.core.fds.statistics(), self.folder / f"rank{parts.rank}_epoch{epoch}.pt")
         (self.folder / f"rank{parts.rank}_node.txt").write_text(ray.get_runtime_context().get_node_id())
+        (self.folder / f"rank{parts.rank}_mlflow.txt").write_text(str("mlflow" in sys.modules))
 
     def on_restore(self, parts, state):
         if parts.core.fds is not None:
