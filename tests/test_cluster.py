@@ -317,6 +317,8 @@ DRIVER = textwrap.dedent("""
              for n in ray.nodes() if n["Alive"]}
     json.dump(nodes, open(f"{dump}/nodes.json", "w"))
     run_training(Config.from_dict(raw), callbacks=[DumpFDS(dump)])
+    import os
+    json.dump(os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"), open(f"{dump}/watcher.json", "w"))
 """)
 
 
@@ -362,3 +364,5 @@ def test_two_nodes_one_worker_each_same_fds_statistics(cluster):
         for key in a:
             assert torch.equal(a[key], b[key]), (epoch, key)
     assert int(a["count"].sum()) == 400
+    # two nodes: Ray Train's preemption watcher stays on (raydir turns it off on one machine)
+    assert json.loads((dump / "watcher.json").read_text()) is None

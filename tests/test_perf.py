@@ -76,6 +76,24 @@ def test_report_poll_reaches_ray_trains_controller_on_any_ray(monkeypatch):
     assert get_env_vars_to_propagate()[var] == "1.5"
 
 
+@pytest.mark.ray
+def test_preemption_watcher_is_off_on_a_one_machine_ray(ray_session, monkeypatch):
+    """On a Ray whose one node is this machine, Ray Train's preemption watcher (an actor per
+    run, to move workers off a node being drained) has nowhere to move them: raydir turns it
+    off for the run (the two-node test in test_cluster.py checks that it stays on there). A
+    value the user set is kept."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from raydir.runtime import PREEMPTION_WATCHER, train_environment
+
+    monkeypatch.delenv(PREEMPTION_WATCHER, raising=False)
+    train_environment()
+    assert get_env_vars_to_propagate()[PREEMPTION_WATCHER] == "0"
+    monkeypatch.setenv(PREEMPTION_WATCHER, "1")
+    train_environment()
+    assert get_env_vars_to_propagate()[PREEMPTION_WATCHER] == "1"
+
+
 def test_ddp_options_on_cpu_train_to_the_same_parameters(tmp_path):
     """CPU workers wrap the model with one gradient bucket and gradients as bucket views
     (faster on few cores, see raydir.perf.ddp_options); GPU workers keep DDP's defaults. Two
