@@ -304,7 +304,7 @@ def test_job_submit_train_then_predict_from_champion(cluster):
 
 
 DRIVER = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     import ray
     from raydir.config import Config
     from raydir.train import run_training
@@ -317,7 +317,6 @@ DRIVER = textwrap.dedent("""
              for n in ray.nodes() if n["Alive"]}
     json.dump(nodes, open(f"{dump}/nodes.json", "w"))
     run_training(Config.from_dict(raw), callbacks=[DumpFDS(dump)])
-    import os
     json.dump(os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"), open(f"{dump}/watcher.json", "w"))
 """)
 
