@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--result-file", help="write the evaluation run id and metrics as JSON")
 
-    p = command("predict", "batch predictions of a registered model with Ray Data")
+    p = command("predict", "batch predictions of a registered model (in this process, or "
+                         "with Ray Data on a cluster)")
     p.add_argument("--model", required=True, help="model URI, e.g. models:/NAME@champion")
     p.add_argument("--input", required=True, help="Parquet / CSV file, folder or URI with the raw input columns")
     p.add_argument("--output", required=True,
@@ -81,7 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "prefix: Parquet shards written in parallel")
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows per model call (default: from the row size, 65,536 for narrow tables)")
-    p.add_argument("--num-actors", type=int, default=1, help="model replicas in the actor pool")
+    p.add_argument("--num-actors", type=int, default=None,
+                   help="model replicas in the Ray Data actor pool (default 1; more than one "
+                        "runs on Ray)")
+    p.add_argument("--engine", choices=["auto", "local", "ray"], default="auto",
+                   help="where the model runs: 'local' in this process (no Ray), 'ray' in a Ray "
+                        "Data actor pool; 'auto' (default) uses Ray when RAY_ADDRESS is set, a "
+                        "path is a URI or --num-actors > 1, else local")
 
     p = command("prepare", "read, bin, weight and cache the data; print a summary")
     _add_config_args(p)

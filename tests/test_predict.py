@@ -10,6 +10,7 @@ from argparse import Namespace
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -96,6 +97,98 @@ def test_predict_csv_into_folder(tmp_path, tracking_env):
     predict(f"models:/{NAME}/1", str(tmp_path / "in.csv"), str(tmp_path / "outdir"), batch_size=256)
     got = pd.read_parquet(tmp_path / "outdir").sort_values("row_id")
     assert len(got) == 700 and np.isfinite(got["prediction"]).all()
+
+
+def test_local_engine_writes_what_the_ray_engine_writes(tmp_path, tracking_env):
+    """engine "local" (this process, pyarrow streaming) against the Ray Data actor pool on the
+    same folder of Parquet files: the same columns, types, values and order; a text column and
+    an input column named ``prediction`` ride along (the latter replaced)."""
+    df = _raw_frame(2500, seed=4)
+    df["note"] = [f"row {i}" for i in range(2500)]
+    df["prediction"] = -1.0
+    (tmp_path / "in").mkdir()
+    for i, part in enumerate(np.array_split(np.arange(2500), 3)):
+        df.iloc[part].to_parquet(tmp_path / "in" / f"part-{i}.parquet", row_group_size=300)
+    (tmp_path / "in" / "_SUCCESS").write_text("")  # skipped, as Ray Data skips it
+    outs = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / f"{engine}.parquet"
+        summary = predict(f"models:/{NAME}@champion", str(tmp_path / "in"), str(out),
+                          batch_size=700, engine=engine, log=lambda _: None)
+        assert summary["engine"] == engine and summary["rows"] == 2500
+        outs[engine] = pq.read_table(out)
+    # the same Arrow columns (Ray's pandas round trip only adds its own pandas metadata)
+    local, ray_ = (outs[e].replace_schema_metadata() for e in ("local", "ray"))
+    assert local.schema.equals(ray_.schema), (local.schema, ray_.schema)
+    assert local.equals(ray_)
+    assert local.column_names == list(df.columns)
+    outs = {e: t.to_pandas() for e, t in outs.items()}
+    np.testing.assert_array_equal(outs["local"]["row_id"], np.arange(2500))
+    mlflow.set_tracking_uri(tracking_env)
+    expected = mlflow.pyfunc.load_model(f"models:/{NAME}/1").predict(df[[f"x{i}" for i in range(6)]])
+    np.testing.assert_allclose(outs["local"]["prediction"], expected, rtol=0, atol=1e-12)
+
+
+def test_local_engine_csv_into_folder_shards(tmp_path, tracking_env, monkeypatch):
+    import raydir.predict as predict_module
+
+    monkeypatch.setattr(predict_module, "SHARD_ROWS", 400)  # 3 shards of the 1,000 rows
+    df = _raw_frame(1000, seed=5)
+    df.to_csv(tmp_path / "in.csv.gz", index=False)
+    summary = predict(f"models:/{NAME}/1", str(tmp_path / "in.csv.gz"), str(tmp_path / "outdir"),
+                      batch_size=200, engine="local", log=lambda _: None)
+    assert summary["rows"] == 1000
+    shards = sorted(p.name for p in (tmp_path / "outdir").iterdir())
+    assert shards == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    got = pd.read_parquet(tmp_path / "outdir")
+    np.testing.assert_array_equal(got["row_id"], np.arange(1000))
+    mlflow.set_tracking_uri(tracking_env)
+    expected = mlflow.pyfunc.load_model(f"models:/{NAME}/1").predict(df[[f"x{i}" for i in range(6)]])
+    np.testing.assert_allclose(got["prediction"], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_cli_predict_with_no_ray_scores_in_process(tmp_path, tracking_env):
+    """`raydir predict` with no RAY_ADDRESS starts no Ray: one process, one line saying so."""
+    import os
+    import subprocess
+    import sys
+
+    _raw_frame(300, seed=6).to_parquet(tmp_path / "in.parquet")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["MLFLOW_TRACKING_URI"] = tracking_env
+    done = subprocess.run(
+        [sys.executable, "-m", "raydir.cli", "predict", "--model", f"models:/{NAME}@champion",
+         "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out.csv")],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "scoring in this process" in done.stdout and "wrote 300 rows" in done.stdout
+    assert "Ray" not in done.stderr.replace("--engine ray", "")  # no local Ray was started
+    assert len(pd.read_csv(tmp_path / "out.csv")) == 300
+
+
+@pytest.mark.parametrize("engine, inp, out, actors, message", [
+    ("local", "s3://bucket/in.parquet", "o.parquet", None, "--input is a URI; use --engine ray"),
+    ("local", "in.parquet", "s3://bucket/out/", None, "--output is a URI"),
+    ("local", "in.parquet", "o.parquet", 2, "--num-actors 2 needs a Ray actor pool"),
+    ("gpu", "in.parquet", "o.parquet", None, "--engine should be one of auto, local, ray; got 'gpu'"),
+])
+def test_engine_choice_refuses_what_it_cannot_do(engine, inp, out, actors, message):
+    from raydir.errors import UserError
+    from raydir.predict import choose_engine
+
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        choose_engine(engine, inp, out, actors)
+
+
+def test_auto_engine_uses_ray_when_there_is_one_or_it_is_needed(monkeypatch):
+    from raydir.predict import choose_engine
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert choose_engine("auto", "in.parquet", "o.parquet", None) == "ray"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert choose_engine("auto", "s3://b/in.parquet", "o.parquet", None) == "ray"
+    assert choose_engine("auto", "in.parquet", "o.parquet", 3) == "ray"
+    assert choose_engine("local", "in.parquet", "file:///tmp/o.parquet", 1) == "local"
 
 
 @pytest.mark.parametrize("uri, message", [
