@@ -1,16 +1,20 @@
-"""`raydir predict` (Ray Data actor pool) against plain loops over `mlflow.pyfunc`, same rows.
+"""`raydir predict` (in this process, and in a Ray Data actor pool) against plain loops over
+`mlflow.pyfunc`, same rows.
 
 A tiny synthetic model is trained and registered into a temporary SQLite registry (or pass
 ``--model`` with $MLFLOW_TRACKING_URI set), ``--rows`` raw feature rows are written as
 Parquet, then, in one process:
 
-* ``raydir predict``: :func:`raydir.predict.predict` end to end -- model resolution, Parquet
-  read, ``--num-actors`` actors each loading the pyfunc once, ``--batch-size`` rows per call
-  (default: what ``raydir predict`` picks for the model, ``default_batch_rows``), one ordered
-  Parquet file written; on a local Ray that is already started (its start-up is reported
-  separately, as a cluster would already be up);
+* ``raydir predict``: :func:`raydir.predict.predict` end to end with each engine -- model
+  resolution, Parquet read, the pyfunc loaded once (``--engine local``: in this process;
+  ``--engine ray``: in each of ``--num-actors`` actors, on a local Ray that is already started,
+  its start-up reported separately as a cluster would already be up), ``--batch-size`` rows
+  per call (default: what ``raydir predict`` picks for the model, ``default_batch_rows``), one
+  ordered Parquet file written;
 * ``pyfunc batch loop``: ``load_model`` once, then ``model.predict`` on slices of the same
   number of rows of the in-memory DataFrame (read not timed), predictions concatenated;
+* ``pyfunc file loop``: the loop a user would write from file to file: ``pd.read_parquet``,
+  the batches, ``to_parquet`` with pandas' defaults (plus the model load);
 * ``pyfunc row loop``: the same, one row per call, on the first ``--row-loop-rows`` rows
   (extrapolated rows/s: a 200k-row loop would take minutes).
 
@@ -67,6 +71,7 @@ def main() -> int:
                     help="rows per model call (default: raydir predict's own choice)")
     ap.add_argument("--num-actors", type=int, default=2)
     ap.add_argument("--row-loop-rows", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds, each timing every variant")
     ap.add_argument("--model", help="existing model URI (needs $MLFLOW_TRACKING_URI)")
     ap.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray")
     ap.add_argument("--ray-default-blocks", action="store_true",
@@ -101,61 +106,112 @@ def main() -> int:
 
     # raydir predict, end to end (progress bars off: they cost time on a 2-core machine).
     # A 1,000-row run first measures the fixed cost (actor start, model load, scheduling):
-    # marginal rows/s = (rows - 1000) / (t_rows - t_1000).
+    # marginal rows/s = (rows - 1000) / (t_rows - t_1000). Each round times both engines and
+    # the loops one after the other, so every ratio compares runs made side by side.
     ray.data.DataContext.get_current().enable_progress_bars = False
     df.iloc[:1000].to_parquet(tmp / "small.parquet")
-    t0 = time.perf_counter()
-    predict(model_uri, str(tmp / "small.parquet"), str(tmp / "small_out.parquet"),
-            batch_size=args.batch_size, num_actors=args.num_actors, log=lambda _: None)
-    t_fixed = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    predict(model_uri, str(tmp / "in.parquet"), str(tmp / "out.parquet"),
-            batch_size=args.batch_size, num_actors=args.num_actors, log=lambda _: None)
-    t_ray = time.perf_counter() - t0
-    got = pd.read_parquet(tmp / "out.parquet")["prediction"].to_numpy()
-
-    # plain loops over the pyfunc
     mlflow.set_tracking_uri(uri)
-    t0 = time.perf_counter()
-    model = mlflow.pyfunc.load_model(model_uri)
-    t_load = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    parts = [model.predict(df.iloc[i:i + args.batch_size]) for i in range(0, len(df), args.batch_size)]
-    t_batch = time.perf_counter() - t0
-    ref = np.concatenate(parts)
+
+    def run_engine(engine: str) -> tuple[float, float, np.ndarray]:
+        times = []
+        for name in ("small", "in"):
+            t0 = time.perf_counter()
+            predict(model_uri, str(tmp / f"{name}.parquet"), str(tmp / f"{name}_{engine}.parquet"),
+                    batch_size=args.batch_size, num_actors=args.num_actors if engine == "ray" else None,
+                    engine=engine, log=lambda _: None)
+            times.append(time.perf_counter() - t0)
+        got = pd.read_parquet(tmp / f"in_{engine}.parquet")["prediction"].to_numpy()
+        return times[0], times[1], got
+
+    rounds = []
+    for _ in range(args.rounds):
+        r, preds = {}, {}
+        for engine in ("local", "ray"):
+            r[f"{engine}_1000_rows_s"], r[f"{engine}_s"], got = run_engine(engine)
+            r[f"{engine}_marginal_rows_per_s"] = (args.rows - 1000) / max(
+                r[f"{engine}_s"] - r[f"{engine}_1000_rows_s"], 1e-9)
+            r[f"{engine}_rows_per_s"] = args.rows / r[f"{engine}_s"]
+            preds[engine] = got
+        # plain loops over the pyfunc
+        t0 = time.perf_counter()
+        model = mlflow.pyfunc.load_model(model_uri)
+        r["pyfunc_load_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        parts = [model.predict(df.iloc[i:i + args.batch_size])
+                 for i in range(0, len(df), args.batch_size)]
+        r["pyfunc_batch_loop_s"] = time.perf_counter() - t0
+        r["pyfunc_batch_loop_rows_per_s"] = args.rows / r["pyfunc_batch_loop_s"]
+        r["pyfunc_batch_loop_with_load_rows_per_s"] = args.rows / (
+            r["pyfunc_batch_loop_s"] + r["pyfunc_load_s"])
+        # the loop a user would write from file to file: read, batches, write (pandas' defaults)
+        t0 = time.perf_counter()
+        frame = pd.read_parquet(tmp / "in.parquet")
+        frame["prediction"] = np.concatenate([
+            model.predict(frame.iloc[i:i + args.batch_size][columns])
+            for i in range(0, len(frame), args.batch_size)])
+        frame.to_parquet(tmp / "loop_out.parquet", index=False)
+        r["pyfunc_file_loop_with_load_s"] = time.perf_counter() - t0 + r["pyfunc_load_s"]
+        r["pyfunc_file_loop_with_load_rows_per_s"] = args.rows / r["pyfunc_file_loop_with_load_s"]
+        del frame
+        for engine in ("local", "ray"):
+            r[f"{engine}_vs_file_loop"] = (r[f"{engine}_rows_per_s"]
+                                           / r["pyfunc_file_loop_with_load_rows_per_s"])
+            r[f"{engine}_marginal_ratio"] = (r[f"{engine}_marginal_rows_per_s"]
+                                             / r["pyfunc_batch_loop_rows_per_s"])
+            r[f"{engine}_end_to_end_ratio"] = (r[f"{engine}_rows_per_s"]
+                                               / r["pyfunc_batch_loop_with_load_rows_per_s"])
+        r["load_average_1m"] = os.getloadavg()[0]
+        rounds.append(r)
+        ref = np.concatenate(parts)
+        # the same rows in input order; the float32 forward of a row can differ in its last
+        # bits with the batch it is computed in (BLAS blocking; Ray Data's batches need not
+        # start where the loop's slices do): seen 4e-6 on predictions around 50
+        for engine, got in preds.items():
+            np.testing.assert_allclose(got, ref, rtol=1e-6, atol=0, err_msg=engine)
     n_row = min(args.row_loop_rows, len(df))
     t0 = time.perf_counter()
     for i in range(n_row):
         model.predict(df.iloc[i:i + 1])
     t_row = time.perf_counter() - t0
-    # the same rows in input order; the float32 forward of a row can differ in its last bits
-    # with the batch it is computed in (BLAS blocking; Ray Data's batches need not start where
-    # the loop's slices do): seen 4e-6 on predictions around 50
-    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=0)
+
+    def med(key: str) -> float:
+        return float(np.median([r[key] for r in rounds]))
 
     result = {
         "rows": args.rows, "batch_size": args.batch_size, "num_actors": args.num_actors,
-        "model": model_uri, "features": len(columns), "cpu_count": os.cpu_count(),
-        "ray_num_cpus": args.num_cpus, "python": sys.version.split()[0],
-        "machine": platform.machine(), "local_ray_start_s": ray_start,
-        "raydir_predict_s": t_ray, "raydir_predict_rows_per_s": args.rows / t_ray,
-        "raydir_predict_1000_rows_s": t_fixed,
-        "raydir_predict_marginal_rows_per_s": (args.rows - 1000) / max(t_ray - t_fixed, 1e-9),
-        "pyfunc_load_s": t_load, "pyfunc_batch_loop_s": t_batch,
-        "pyfunc_batch_loop_rows_per_s": args.rows / t_batch,
-        "pyfunc_batch_loop_with_load_rows_per_s": args.rows / (t_batch + t_load),
-        "pyfunc_row_loop_rows": n_row, "pyfunc_row_loop_rows_per_s": n_row / t_row,
-        "load_average_1m": os.getloadavg()[0],
+        "rounds": rounds, "model": model_uri, "features": len(columns),
+        "cpu_count": os.cpu_count(), "ray_num_cpus": args.num_cpus,
+        "python": sys.version.split()[0], "machine": platform.machine(),
+        "local_ray_start_s": ray_start, "pyfunc_row_loop_rows": n_row,
+        "pyfunc_row_loop_rows_per_s": n_row / t_row,
+        "load_average_1m": [r["load_average_1m"] for r in rounds],
     }
-    print(f"{'method':<34}{'seconds':>10}{'rows/s':>14}")
-    print(f"{'raydir predict (end to end)':<34}{t_ray:>10.1f}{args.rows / t_ray:>14,.0f}")
-    print(f"{'raydir predict, marginal':<34}{t_ray - t_fixed:>10.1f}"
-          f"{(args.rows - 1000) / max(t_ray - t_fixed, 1e-9):>14,.0f}   (minus a 1,000-row run)")
-    print(f"{'pyfunc loop, batches (+load)':<34}{t_batch + t_load:>10.1f}"
-          f"{args.rows / (t_batch + t_load):>14,.0f}")
-    print(f"{'pyfunc loop, one row per call':<34}{t_row:>10.1f}{n_row / t_row:>14,.0f}"
+    print(f"{'method (median of ' + str(args.rounds) + ' rounds)':<40}{'seconds':>9}{'rows/s':>13}"
+          f"{'x loop':>8}  per round")
+    for engine, label in (("local", "raydir predict --engine local"),
+                          ("ray", f"raydir predict --engine ray ({args.num_actors} actors)")):
+        print(f"{label + ', end to end':<40}{med(f'{engine}_s'):>9.2f}"
+              f"{med(f'{engine}_rows_per_s'):>13,.0f}{med(f'{engine}_end_to_end_ratio'):>8.2f}  "
+              + ", ".join(f"{r[f'{engine}_end_to_end_ratio']:.2f}" for r in rounds))
+        print(f"{label + ', marginal':<40}{med(f'{engine}_s') - med(f'{engine}_1000_rows_s'):>9.2f}"
+              f"{med(f'{engine}_marginal_rows_per_s'):>13,.0f}{med(f'{engine}_marginal_ratio'):>8.2f}  "
+              + ", ".join(f"{r[f'{engine}_marginal_ratio']:.2f}" for r in rounds))
+    print(f"{'pyfunc loop, batches (+load)':<40}"
+          f"{med('pyfunc_batch_loop_s') + med('pyfunc_load_s'):>9.2f}"
+          f"{med('pyfunc_batch_loop_with_load_rows_per_s'):>13,.0f}")
+    print(f"{'pyfunc loop, Parquet file to file (+load)':<40}"
+          f"{med('pyfunc_file_loop_with_load_s'):>9.2f}"
+          f"{med('pyfunc_file_loop_with_load_rows_per_s'):>13,.0f}   raydir end to end against it: "
+          + "; ".join(f"{e} " + ", ".join(f"{r[f'{e}_vs_file_loop']:.2f}" for r in rounds)
+                      for e in ("local", "ray")))
+    print(f"{'pyfunc loop, batches':<40}{med('pyfunc_batch_loop_s'):>9.2f}"
+          f"{med('pyfunc_batch_loop_rows_per_s'):>13,.0f}")
+    print(f"{'pyfunc loop, one row per call':<40}{t_row:>9.2f}{n_row / t_row:>13,.0f}"
           f"   ({n_row} rows)")
-    print(f"(load average {result['load_average_1m']:.1f}; local Ray start {ray_start:.1f} s not included)")
+    print(f"(marginal: minus a 1,000-row run; x loop: marginal against the batch loop, end to end "
+          f"against the loop with its model load; load average "
+          f"{', '.join(f'{r:.1f}' for r in result['load_average_1m'])}; local Ray start "
+          f"{ray_start:.1f} s not included)")
     out = Path(__file__).parent / "results" / f"predict_{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
