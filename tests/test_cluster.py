@@ -296,6 +296,7 @@ def test_job_submit_train_then_predict_from_champion(cluster):
                        "--num-actors", "1", "--batch-size", "500"], wd)
     assert pred.returncode == 0 and "succeeded" in pred.stdout + pred.stderr, \
         pred.stdout[-4000:] + pred.stderr[-4000:]
+    assert "scoring in this process" not in pred.stdout  # a job's predict runs on the cluster
     out = pd.read_parquet(tmp / "out" / "pred.parquet")
     assert len(out) == 2500 and list(out.columns) == [*rows.columns, "prediction"]
     np.testing.assert_array_equal(out["id"], rows["id"])
