@@ -147,6 +147,22 @@ def test_local_engine_csv_into_folder_shards(tmp_path, tracking_env, monkeypatch
     np.testing.assert_allclose(got["prediction"], expected, rtol=1e-12, atol=1e-12)
 
 
+def test_local_engine_error_in_the_model_stage_is_raised_and_leaves_no_file(tmp_path, tracking_env):
+    """A value the model refuses, in the third batch: the error of the model's thread reaches
+    the caller, the read / model threads stop, and no partial output stays."""
+    import threading
+
+    df = _raw_frame(1000, seed=7)
+    df["x3"] = np.arange(1000, dtype=np.int64)
+    df.loc[650, "x3"] = 2**60 + 1  # float64 cannot hold it exactly
+    df.to_parquet(tmp_path / "in.parquet")
+    with pytest.raises(ValueError, match=r"column 'x3' \(int64\) holds values that float64 cannot"):
+        predict(f"models:/{NAME}/1", str(tmp_path / "in.parquet"), str(tmp_path / "o.parquet"),
+                batch_size=300, engine="local", log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
+    assert not [t for t in threading.enumerate() if t.name == "raydir-predict-stage"]
+
+
 def test_cli_predict_with_no_ray_scores_in_process(tmp_path, tracking_env):
     """`raydir predict` with no RAY_ADDRESS starts no Ray: one process, one line saying so."""
     import os
