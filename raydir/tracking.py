@@ -321,15 +321,32 @@ def latest_run_tagged(uri: str, experiment: str, tag: str, value: str) -> str | 
     return found[0].info.run_id if found else None
 
 
+STOPPED_EARLY_TAG = "raydir.stopped_early"
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    """Close a run. A run already KILLED stays KILLED: ASHA stops a trial by killing it, the
-    sweep's driver marks its run KILLED, and the trial's own error path may come later."""
+    """Close a run. A run that a sweep stopped stays KILLED: ASHA stops a trial by killing it,
+    the sweep's driver tags its run :data:`STOPPED_EARLY_TAG` and then marks it KILLED
+    (:func:`mark_stopped_early`), and the trial's own error path may run at the same time.
+    That path writes FAILED only on a run not yet KILLED and reads the tag after writing: had
+    the driver tagged the run before, it marks it KILLED again; had it not, the driver's own
+    status write comes after and is KILLED. No interleaving of the two leaves FAILED."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     if status == "FAILED" and retry_locked(client.get_run, run_id).info.status == "KILLED":
         return
     retry_locked(client.set_terminated, run_id, status=status)
+    if status == "FAILED" and \
+            retry_locked(client.get_run, run_id).data.tags.get(STOPPED_EARLY_TAG) == "true":
+        retry_locked(client.set_terminated, run_id, status="KILLED")
+
+
+def mark_stopped_early(client, run_id: str) -> None:
+    """The sweep driver's side of :func:`end_run`'s protocol: the tag first, then KILLED."""
+    retry_locked(client.set_tag, run_id, STOPPED_EARLY_TAG, "true")
+    if retry_locked(client.get_run, run_id).info.status != "KILLED":
+        retry_locked(client.set_terminated, run_id, status="KILLED")
 
 
 def log_data_artifacts(uri: str, run_id: str, cfg, prepared) -> None:

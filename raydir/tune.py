@@ -554,12 +554,12 @@ def _close_stopped_runs(uri: str, rows: list[dict]) -> None:
     """ASHA kills a stopped trial's workers mid-run: its child run is closed here."""
     from mlflow.tracking import MlflowClient
 
+    from raydir import tracking
+
     client = MlflowClient(uri)
     for r in rows:
         if r["status"] == "stopped_early" and r.get(RUN_ID):
-            client.set_tag(r[RUN_ID], "raydir.stopped_early", "true")
-            if client.get_run(r[RUN_ID]).info.status != "KILLED":
-                client.set_terminated(r[RUN_ID], status="KILLED")
+            tracking.mark_stopped_early(client, r[RUN_ID])
 
 
 def trials_frame(rows: list[dict], keys: list[str]):
