@@ -58,24 +58,6 @@ def _raw_frame(n: int, seed: int = 0) -> pd.DataFrame:
     return df
 
 
-def test_predict_keeps_columns_and_order_and_matches_pyfunc(tmp_path, tracking_env):
-    df = _raw_frame(3000)
-    (tmp_path / "in").mkdir()
-    for i, part in enumerate(np.array_split(np.arange(3000), 3)):  # several blocks
-        df.iloc[part].to_parquet(tmp_path / "in" / f"part-{i}.parquet")
-    (tmp_path / "out").mkdir()  # predict does not create a missing folder
-    out = tmp_path / "out" / "pred.parquet"
-    summary = predict(f"models:/{NAME}@champion", str(tmp_path / "in"), str(out),
-                      batch_size=500, num_actors=2)
-    assert summary["model"] == f"models:/{NAME}/1" and summary["rows"] == 3000
-    got = pd.read_parquet(out)
-    assert list(got.columns) == [*df.columns, "prediction"]
-    np.testing.assert_array_equal(got["row_id"].to_numpy(), np.arange(3000))  # input order
-    mlflow.set_tracking_uri(tracking_env)
-    expected = mlflow.pyfunc.load_model(f"models:/{NAME}/1").predict(df[[f"x{i}" for i in range(6)]])
-    np.testing.assert_allclose(got["prediction"].to_numpy(), expected, rtol=0, atol=1e-12)
-
-
 def test_predict_one_file_read_in_pieces_keeps_input_order(tmp_path, tracking_env, monkeypatch):
     # Ray Data's Parquet datasource V2 (Ray's default) packs a file's row groups into read
     # units of RAY_DATA_PARQUET_BIN_PACKING_BYTES (128 MiB) and emits them out of order even
@@ -99,10 +81,12 @@ def test_predict_csv_into_folder(tmp_path, tracking_env):
     assert len(got) == 700 and np.isfinite(got["prediction"]).all()
 
 
-def test_local_engine_writes_what_the_ray_engine_writes(tmp_path, tracking_env):
-    """engine "local" (this process, pyarrow streaming) against the Ray Data actor pool on the
-    same folder of Parquet files: the same columns, types, values and order; a text column and
-    an input column named ``prediction`` ride along (the latter replaced)."""
+def test_both_engines_keep_columns_and_order_and_match_pyfunc(tmp_path, tracking_env):
+    """engine "local" (this process, pyarrow streaming) and the Ray Data actor pool (2 actors)
+    on the same folder of Parquet files (several blocks): the alias resolved to its version,
+    every row in input order, the same columns, types and values, equal to the pyfunc's own
+    predictions; a text column and an input column named ``prediction`` ride along (the
+    latter replaced)."""
     df = _raw_frame(2500, seed=4)
     df["note"] = [f"row {i}" for i in range(2500)]
     df["prediction"] = -1.0
@@ -114,8 +98,10 @@ def test_local_engine_writes_what_the_ray_engine_writes(tmp_path, tracking_env):
     for engine in ("local", "ray"):
         out = tmp_path / f"{engine}.parquet"
         summary = predict(f"models:/{NAME}@champion", str(tmp_path / "in"), str(out),
-                          batch_size=700, engine=engine, log=lambda _: None)
+                          batch_size=700, engine=engine, log=lambda _: None,
+                          num_actors=2 if engine == "ray" else None)
         assert summary["engine"] == engine and summary["rows"] == 2500
+        assert summary["model"] == f"models:/{NAME}/1"
         outs[engine] = pq.read_table(out)
     # the same Arrow columns (Ray's pandas round trip only adds its own pandas metadata)
     local, ray_ = (outs[e].replace_schema_metadata() for e in ("local", "ray"))
