@@ -119,11 +119,15 @@ def test_local_engine_csv_into_folder_shards(tmp_path, tracking_env, monkeypatch
     import raydir.predict as predict_module
 
     monkeypatch.setattr(predict_module, "SHARD_ROWS", 400)  # 3 shards of the 1,000 rows
+    monkeypatch.setattr(predict_module, "PROGRESS_SECONDS", 0.0)  # a progress line per batch
     df = _raw_frame(1000, seed=5)
     df.to_csv(tmp_path / "in.csv.gz", index=False)
+    lines = []
     summary = predict(f"models:/{NAME}/1", str(tmp_path / "in.csv.gz"), str(tmp_path / "outdir"),
-                      batch_size=200, engine="local", log=lambda _: None)
+                      batch_size=200, engine="local", log=lines.append)
     assert summary["rows"] == 1000
+    progress = [line.split(" rows (")[0] for line in lines if line.startswith("scored ")]
+    assert progress == [f"scored {n:,}" for n in range(200, 1001, 200)]  # CSV: no total known
     shards = sorted(p.name for p in (tmp_path / "outdir").iterdir())
     assert shards == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     got = pd.read_parquet(tmp_path / "outdir")
@@ -133,18 +137,26 @@ def test_local_engine_csv_into_folder_shards(tmp_path, tracking_env, monkeypatch
     np.testing.assert_allclose(got["prediction"], expected, rtol=1e-12, atol=1e-12)
 
 
-def test_local_engine_error_in_the_model_stage_is_raised_and_leaves_no_file(tmp_path, tracking_env):
+def test_local_engine_error_in_the_model_stage_is_raised_and_leaves_no_file(tmp_path, tracking_env,
+                                                                           monkeypatch):
     """A value the model refuses, in the third batch: the error of the model's thread reaches
     the caller, the read / model threads stop, and no partial output stays."""
     import threading
+
+    import raydir.predict as predict_module
 
     df = _raw_frame(1000, seed=7)
     df["x3"] = np.arange(1000, dtype=np.int64)
     df.loc[650, "x3"] = 2**60 + 1  # float64 cannot hold it exactly
     df.to_parquet(tmp_path / "in.parquet")
+    monkeypatch.setattr(predict_module, "PROGRESS_SECONDS", 0.0)
+    lines = []
     with pytest.raises(ValueError, match=r"column 'x3' \(int64\) holds values that float64 cannot"):
         predict(f"models:/{NAME}/1", str(tmp_path / "in.parquet"), str(tmp_path / "o.parquet"),
-                batch_size=300, engine="local", log=lambda _: None)
+                batch_size=300, engine="local", log=lines.append)
+    # the two batches before the bad one were scored (Parquet: the total is known)
+    assert [line.split(" rows (")[0] for line in lines if line.startswith("scored ")] == \
+        ["scored 300 of 1,000", "scored 600 of 1,000"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
     assert not [t for t in threading.enumerate() if t.name == "raydir-predict-stage"]
 
