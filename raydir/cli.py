@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["auto", "local", "ray"], default="auto",
                    help="where the model runs: 'local' in this process (no Ray), 'ray' in a Ray "
                         "Data actor pool; 'auto' (default) uses Ray when RAY_ADDRESS is set, a "
-                        "path is a URI or --num-actors > 1, else local")
+                        "path is a URI, the input a partitioned folder or --num-actors > 1, "
+                        "else local")
 
     p = command("prepare", "read, bin, weight and cache the data; print a summary")
     _add_config_args(p)

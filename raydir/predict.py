@@ -263,18 +263,36 @@ def _ray_in_use() -> bool:
     return bool(os.environ.get("RAY_ADDRESS")) or bool(ray is not None and ray.is_initialized())
 
 
+def _hive_folder(input_path: str) -> str | None:
+    """The first ``key=value`` folder under a local input folder, or None. Ray Data reads such
+    a (hive-partitioned) folder with the partition values as columns; the in-process reader
+    reads files and would lose them."""
+    from raydir.data.base import is_uri
+
+    if is_uri(input_path) or not local_path(input_path).is_dir():
+        return None
+    root = local_path(input_path)
+    for path in sorted(root.rglob("*=*")):
+        if path.is_dir():
+            return str(path.relative_to(root))
+    return None
+
+
 def choose_engine(engine: str, input_path: str, output: str, num_actors: int | None) -> str:
     """``local`` (this process, no Ray) or ``ray`` (a Ray Data actor pool).
 
     ``auto`` runs on Ray when there is one to use (:func:`_ray_in_use`), when the input or the
-    output is a remote URI, or when more than one model replica is asked for; else in this
-    process: on one machine, starting a local Ray and an actor only adds its start-up and Ray
-    Data's per-batch hand-offs to the same model calls (``benchmarks/bench_predict.py``).
+    output is a remote URI, when more than one model replica is asked for, or when the input
+    is a hive-partitioned folder (``year=2024/...``, whose partition columns Ray Data adds);
+    else in this process: on one machine, starting a local Ray and an actor only adds its
+    start-up and Ray Data's per-batch hand-offs to the same model calls
+    (``benchmarks/bench_predict.py``).
     """
     if engine not in ENGINES:
         raise UserError(f"--engine should be one of {', '.join(ENGINES)}; got {engine!r}.")
     remote = [name for name, path in (("--input", input_path), ("--output", output))
               if "://" in path and not path.startswith("file://")]
+    hive = None if remote or engine == "ray" else _hive_folder(input_path)
     if engine == "local":
         if remote:
             raise UserError(f"--engine local reads and writes local paths, but {' and '.join(remote)} "
@@ -282,8 +300,12 @@ def choose_engine(engine: str, input_path: str, output: str, num_actors: int | N
         if num_actors is not None and num_actors > 1:
             raise UserError(f"--num-actors {num_actors} needs a Ray actor pool; use --engine ray "
                             f"(or auto), or leave --num-actors out.")
+        if hive:
+            raise UserError(f"--input '{input_path}' is a partitioned folder ('{hive}'): "
+                            f"--engine local reads files and would lose the partition columns; "
+                            f"use --engine ray (or auto).")
         return "local"
-    if engine == "ray" or remote or (num_actors or 1) > 1 or _ray_in_use():
+    if engine == "ray" or remote or (num_actors or 1) > 1 or hive or _ray_in_use():
         return "ray"
     return "local"
 
