@@ -310,21 +310,6 @@ def choose_engine(engine: str, input_path: str, output: str, num_actors: int | N
     return "local"
 
 
-def _input_files(input_path: str) -> tuple[str, list[Path]]:
-    """(format, files in the order Ray Data reads them: sorted paths, hidden files skipped)."""
-    from raydir.data.table import _data_files, _kind_of, check_not_empty, detect_format
-
-    fmt = detect_format(input_path)
-    check_not_empty(input_path)
-    local = local_path(input_path)
-    if not local.is_dir():
-        return fmt, [local.resolve()]
-    files = sorted((f.resolve() for f in _data_files(local) if _kind_of(f.name) == fmt), key=str)
-    if not files:
-        raise UserError(f"--input '{input_path}' is a folder with no .{fmt} files.")
-    return fmt, files
-
-
 def _input_schema(fmt: str, files: list[Path]) -> list[str]:
     """The column names of the first file (Parquet footer / CSV header), for [2] check."""
     import pyarrow.csv as pcsv
@@ -419,24 +404,32 @@ def _in_thread(items, depth: int = 2):
 def _write_shards(tables, output: str, fmt: str) -> int:
     """engine "local" into a folder: ``part-00000.<fmt>``, ... of about SHARD_ROWS rows each."""
     folder = Path(output.removeprefix("file://")).expanduser()
-    folder.mkdir(exist_ok=True)
-    writer, schema, rows, shard_rows, shard = None, None, 0, 0, 0
+    created = not folder.exists()
+    folder.mkdir(exist_ok=True)  # output_plan: a new folder, or an empty one
+    writer, schema, written = None, None, []
+    rows = shard_rows = 0
     try:
         for table in tables:
             if writer is None or shard_rows >= SHARD_ROWS:
                 if writer is not None:
                     writer.close()
-                    shard += 1
-                path = folder / f"part-{shard:05d}.{fmt}"
+                written.append(folder / f"part-{len(written):05d}.{fmt}")
                 schema = schema or table.schema
-                writer = _table_writer(path, schema, fmt)
+                writer = _table_writer(written[-1], schema, fmt)
                 shard_rows = 0
             writer.write_table(table.cast(schema))
             rows += table.num_rows
             shard_rows += table.num_rows
-    finally:
+    except BaseException:
         if writer is not None:
             writer.close()
+        for path in written:  # no partial output left behind
+            path.unlink(missing_ok=True)
+        if created:
+            folder.rmdir()
+        raise
+    if writer is not None:
+        writer.close()
     return rows
 
 
@@ -468,7 +461,9 @@ def _with_progress(tables, total: int | None, log: Callable[[str], Any]):
 def _predict_local(ref: ModelRef, uri: str, info: ModelInfo, input_path: str, output: str,
                    layout: str, fmt_out: str, batch_size: int | None,
                    log: Callable[[str], Any]) -> int:
-    fmt_in, files = _input_files(input_path)
+    from raydir.data.table import local_data_files
+
+    fmt_in, files = local_data_files(input_path)
     columns = _needed_columns(info, _input_schema(fmt_in, files))      # [2] check
     batch_size = batch_size or default_batch_rows(info)
     expected = _expected_rows(fmt_in, files)
@@ -512,7 +507,7 @@ def predict(model_uri: str, input_path: str, output: str, *, batch_size: int | N
     info = load_model_info(ref)
     log(f"model {model_uri} -> {ref.resolved_uri} (run {ref.run_id}) from {uri}")
     if engine == "local":
-        log("scoring in this process (no Ray to use; --engine ray for a Ray Data actor pool)")
+        log("scoring in this process, no Ray started (--engine ray: a Ray Data actor pool)")
         t0 = time.perf_counter()
         rows = _predict_local(ref, uri, info, input_path, output, layout, fmt, batch_size, log)
         return _summary(ref, rows, time.perf_counter() - t0, output, "local", log)

@@ -157,6 +157,9 @@ def test_local_engine_error_in_the_model_stage_is_raised_and_leaves_no_file(tmp_
     # the two batches before the bad one were scored (Parquet: the total is known)
     assert [line.split(" rows (")[0] for line in lines if line.startswith("scored ")] == \
         ["scored 300 of 1,000", "scored 600 of 1,000"]
+    with pytest.raises(ValueError, match=r"column 'x3'"):  # into a folder of shards
+        predict(f"models:/{NAME}/1", str(tmp_path / "in.parquet"), str(tmp_path / "shards"),
+                batch_size=300, engine="local", log=lambda _: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
     assert not [t for t in threading.enumerate() if t.name == "raydir-predict-stage"]
 
@@ -175,7 +178,7 @@ def test_cli_predict_with_no_ray_scores_in_process(tmp_path, tracking_env):
          "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out.csv")],
         env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "scoring in this process" in done.stdout and "wrote 300 rows" in done.stdout
+    assert "scoring in this process, no Ray started" in done.stdout and "wrote 300 rows" in done.stdout
     assert "Ray" not in done.stderr.replace("--engine ray", "")  # no local Ray was started
     assert len(pd.read_csv(tmp_path / "out.csv")) == 300
 

@@ -77,6 +77,20 @@ def _data_files(folder: Path) -> list[Path]:
     return [f for f in folder.rglob("*") if f.is_file() and not f.name.startswith((".", "_"))]
 
 
+def local_data_files(path: str, fmt: str = "auto") -> tuple[str, list[Path]]:
+    """(format, files) of a local table: the file itself, or a folder's files of that format in
+    the order Ray Data reads them (sorted paths, names starting with '.' or '_' skipped)."""
+    fmt = detect_format(path, fmt)
+    check_not_empty(path)
+    local = local_path(path)
+    if not local.is_dir():
+        return fmt, [local.resolve()]
+    files = sorted((f.resolve() for f in _data_files(local) if _kind_of(f.name) == fmt), key=str)
+    if not files:
+        raise ValueError(f"'{path}' is a folder with no .{fmt} files.")
+    return fmt, files
+
+
 def check_not_empty(path: str) -> None:
     """Refuse 0-byte data files up front: Ray Data reports them as a task traceback (CSV) or
     as "no files found" (Parquet)."""
