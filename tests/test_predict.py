@@ -199,7 +199,7 @@ def test_engine_choice_refuses_what_it_cannot_do(engine, inp, out, actors, messa
 
 def test_a_partitioned_input_folder_goes_to_ray(tmp_path, monkeypatch):
     from raydir.errors import UserError
-    from raydir.predict import choose_engine
+    from raydir.predict import _ray_in_use, choose_engine
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     (tmp_path / "flat").mkdir()
@@ -209,15 +209,9 @@ def test_a_partitioned_input_folder_goes_to_ray(tmp_path, monkeypatch):
     assert choose_engine("local", str(tmp_path / "flat"), "o.parquet", None) == "local"
     with pytest.raises(UserError, match=r"partitioned folder \('year=2024'\).*--engine ray"):
         choose_engine("local", str(tmp_path / "parts"), "o.parquet", None)
-    if not _ray_initialized():  # auto: Ray whenever this process has joined one
+    if not _ray_in_use():  # auto: Ray whenever this process has joined one
         assert choose_engine("auto", str(tmp_path / "flat"), "o.parquet", None) == "local"
     assert choose_engine("auto", str(tmp_path / "parts"), "o.parquet", None) == "ray"
-
-
-def _ray_initialized() -> bool:
-    import sys
-
-    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 def test_auto_engine_uses_ray_when_there_is_one_or_it_is_needed(monkeypatch):

@@ -85,10 +85,8 @@ def local_data_files(path: str, fmt: str = "auto") -> tuple[str, list[Path]]:
     local = local_path(path)
     if not local.is_dir():
         return fmt, [local.resolve()]
-    files = sorted((f.resolve() for f in _data_files(local) if _kind_of(f.name) == fmt), key=str)
-    if not files:
-        raise ValueError(f"'{path}' is a folder with no .{fmt} files.")
-    return fmt, files
+    # detect_format has found files of exactly one format in a folder
+    return fmt, sorted((f.resolve() for f in _data_files(local) if _kind_of(f.name) == fmt), key=str)
 
 
 def check_not_empty(path: str) -> None:
