@@ -38,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from raydir.data.base import ModelInfo, local_path
+from raydir.data.base import ModelInfo, is_uri, local_path
 from raydir.errors import UserError
 from raydir.runtime import check_ray_address, connect_ray, tracking_uri_checked
 from raydir.serve import PREDICTION, PreparedPredictor, PyfuncPredictor
@@ -145,8 +145,6 @@ def _needed_columns(info: ModelInfo, available: list[str]) -> list[str]:
 
 
 def check_input_exists(path: str) -> None:
-    from raydir.data.base import is_uri, local_path
-
     if not is_uri(path) and not local_path(path).exists():
         raise FileNotFoundError(f"--input '{path}' does not exist (resolved to "
                                 f"'{local_path(path).resolve()}').")
@@ -267,11 +265,9 @@ def _hive_folder(input_path: str) -> str | None:
     """The first ``key=value`` folder under a local input folder, or None. Ray Data reads such
     a (hive-partitioned) folder with the partition values as columns; the in-process reader
     reads files and would lose them."""
-    from raydir.data.base import is_uri
-
-    if is_uri(input_path) or not local_path(input_path).is_dir():
+    root = None if is_uri(input_path) else local_path(input_path)
+    if root is None or not root.is_dir():
         return None
-    root = local_path(input_path)
     for path in sorted(root.rglob("*=*")):
         if path.is_dir():
             return str(path.relative_to(root))
@@ -290,8 +286,7 @@ def choose_engine(engine: str, input_path: str, output: str, num_actors: int | N
     """
     if engine not in ENGINES:
         raise UserError(f"--engine should be one of {', '.join(ENGINES)}; got {engine!r}.")
-    remote = [name for name, path in (("--input", input_path), ("--output", output))
-              if "://" in path and not path.startswith("file://")]
+    remote = [name for name, path in (("--input", input_path), ("--output", output)) if is_uri(path)]
     hive = None if remote or engine == "ray" else _hive_folder(input_path)
     if engine == "local":
         if remote:
