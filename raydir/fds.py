@@ -41,15 +41,15 @@ Rules chosen here (the reference code has defects on these points, see REFERENCE
   ``"mirror"`` (default) is what the reference code does (``F.pad(mode="reflect")``, the edge
   bin is not repeated: c b | a b c); ``"reflect"`` repeats it (b a | a b c).
 
-Accumulation precision (diag): float64 features are summed as they are, in float64. Lower
-precisions (float32, half) are summed in float32, the memory-bandwidth-cheap way, but shifted:
-each row adds [1, z - c_b, (z - c_b)^2] into a float32 window, with c_b a per-bin shift near
-the bin's mean (:func:`window_shift`), and every ``FOLD_ROWS`` rows the window is folded into
-the float64 accumulators as unshifted moments (also at :meth:`FDS.update` and ``state_dict``).
-A float32 sum then holds at most ~FOLD_ROWS terms of the size of the variance, not of
-mean^2 + variance: the relative error of the variance stays ~1e-7..1e-6 at any offset (tests
-compare it with float64 numpy at mean^2 / var ~ 1e6), where raw float32 sums of squares lose
-every digit.
+Accumulation: every row's count, z and z^2 (or z z^T) are summed in float64, whatever the
+features' dtype (:func:`add_bin_moments` converts them chunk by chunk in a cached buffer): the
+relative error of a bin's variance is ~ 1e-16 x mean^2 / var x sqrt(rows), 2.5e-8 at worst in
+the tests at mean^2 / var ~ 4e6 (float32 sums of squares lose every digit there). A training
+batch (diag) is not summed on its own: after its NaN / inf check it is copied, in its own
+dtype, into a *stage* of ``STAGE_ELEMENTS`` (rows x D), and the stage's rows are added in one
+call when it is full, at :meth:`FDS.update`, at ``state_dict()`` and before the layer moves
+(``.to``). A batch then costs a few torch calls instead of a dozen: on a small model the
+calls' fixed cost, not the arithmetic, is what the in-flight statistics add to an epoch.
 
 Everything is kept in registered buffers (float64 statistics), so ``state_dict`` restores the
 layer exactly; tensors follow the module's device (move it with ``.to``), never a literal one.
@@ -88,11 +88,10 @@ _CHUNK_ELEMENTS = 1 << 20
 # (the per-chunk calls start to show).
 _SCRATCH_ELEMENTS = 1 << 17
 
-# Rows a working-precision window takes before it is folded into the float64 accumulators
-# (see add_shifted_rows): bounds the rounding error of the float32 sums (a bin's sum holds at
-# most this many terms, each relative error ~ 6e-8) while the fold, (B, 1 + 2D) float64 adds,
-# stays a small share of the rows' own cost.
-FOLD_ROWS = 4096
+# Elements (rows x D) of the stage into which accumulate() copies training batches (diag) before
+# adding many of them at once to the float64 accumulators: 4 MB of float32 (16k rows of 64
+# features, 2k of 512), a few batches to a few dozen per add. A bigger batch is added directly.
+STAGE_ELEMENTS = 1 << 20
 
 
 # -- pure functions ---------------------------------------------------------------------------
@@ -134,73 +133,6 @@ def bin_moments(features: Tensor, bin_index: Tensor, num_bins: int,
     second = torch.zeros((num_bins, dim, dim) if covariance == "full" else (num_bins, dim), **kw)
     add_bin_moments(count, total, second, features, bin_index)
     return count, total, second
-
-
-def window_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Working precision of the shifted window: the features' dtype, at least float32."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def shifted_rows(features: Tensor, bin_index: Tensor, shift: Tensor, out: Tensor) -> Tensor:
-    """Rows [1 | z - c_b | (z - c_b)^2] of ``features`` (n, D) in ``out`` (at least n rows of
-    width 1 + 2D, column 0 already 1), with c_b = ``shift`` (B, D) of each row's bin.
-
-    The shift keeps working-precision sums of squares accurate: with c_b near the bin's mean
-    they carry the variance, not mean^2 + variance (a float32 sum of raw squares of features
-    with mean^2 / var ~ 1e6 would lose every digit of the variance)."""
-    n, dim = features.shape
-    rows = out[:n]
-    centred, square = rows[:, 1:dim + 1], rows[:, dim + 1:]
-    torch.index_select(shift, 0, bin_index, out=square)  # gathered into the square's slot
-    torch.sub(features, square, out=centred)
-    torch.mul(centred, centred, out=square)
-    return rows
-
-
-def fold_window(count: Tensor, total: Tensor, second: Tensor, window: Tensor,
-                shift: Tensor) -> None:
-    """Add a window (B, 1 + 2D) of shifted per-bin [n, sum y, sum y^2], y = z - c_b, to the
-    float64 accumulators as unshifted moments (sum z = sum y + n c, sum z^2 = sum y^2 +
-    2 c sum y + n c^2), then zero the window."""
-    dim = total.shape[1]
-    w, c = window.to(total.dtype), shift.to(total.dtype)
-    n, s1 = w[:, :1], w[:, 1:dim + 1]
-    count += w[:, 0]
-    total += s1 + n * c
-    second += w[:, dim + 1:] + c * (2 * s1 + n * c)
-    window.zero_()
-
-
-def window_shift(count: Tensor, total: Tensor, features: Tensor, bin_index: Tensor,
-                 prior: Tensor | None = None, prior_known: Tensor | None = None) -> Tensor:
-    """Per-bin shift (B, D) for a new window, in the working precision of ``features`` (the
-    window's first rows): the mean of each bin's rows so far (float64 sums ``count`` /
-    ``total``) and in ``features``; for a bin with no row, ``prior`` where ``prior_known`` (the
-    running means of seen bins), else the mean of the nearest bin that has one (FDS's own
-    premise: neighbouring bins have similar features). Only nearness matters: a shift c_b far
-    from the bin's mean m_b scales the working-precision error of its variance by
-    ~ (m_b - c_b)^2 / var_b."""
-    dtype = window_dtype(features.dtype)
-    count = count + torch.bincount(bin_index, minlength=count.shape[0])
-    total = total + torch.zeros(total.shape, dtype=dtype, device=total.device).index_add_(
-        0, bin_index, features.to(dtype))
-    known = count > 0
-    mean = total / count.clamp_min(1)[:, None]
-    if prior is not None:
-        mean = torch.where(known[:, None], mean, prior)
-        known = known | prior_known
-    return mean[nearest_known(known)].to(dtype)
-
-
-def nearest_known(known: Tensor) -> Tensor:
-    """For each bin, the index of the nearest bin where ``known`` (itself if known; the lower
-    one on a tie; any index when none is known)."""
-    num_bins = known.shape[0]
-    pos = torch.arange(num_bins, device=known.device)
-    left = torch.where(known, pos, -1).cummax(0).values
-    right = torch.where(known, pos, num_bins).flip(0).cummin(0).values.flip(0)
-    use_left = (left >= 0) & ((right >= num_bins) | (pos - left <= right - pos))
-    return torch.where(use_left, left, right).clamp(0, num_bins - 1)
 
 
 def moments_to_stats(count: Tensor, total: Tensor, second: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -366,13 +298,9 @@ class FDS(nn.Module):
         self.register_buffer("acc_count", torch.zeros(num_bins, **f64))
         self.register_buffer("acc_sum", torch.zeros(vec, **f64))
         self.register_buffer("acc_second", torch.zeros(mat, **f64))
-        # [window] diag: shifted per-bin [n, sum y, sum y^2] in working precision, folded into
-        # the float64 accumulators every FOLD_ROWS rows, at update() and at state_dict()
-        window = (num_bins, 1 + 2 * dim) if covariance == "diag" else (0,)
-        self.register_buffer("acc_window", torch.zeros(window), persistent=False)
-        self.register_buffer("acc_shift", torch.zeros(vec if covariance == "diag" else (0,)),
-                             persistent=False)
-        self._window_rows = 0
+        # [stage] diag: training batches' rows waiting to be added to the accumulators (made
+        # on the first batch, in its dtype and on its device; see _stage_rows)
+        self._stage: _Stage | None = None
         # [frozen statistics] written only by update()
         second_init = eye.clone() if covariance == "full" else torch.ones(vec, **f64)
         self.register_buffer("running_mean", torch.zeros(vec, **f64))
@@ -394,21 +322,18 @@ class FDS(nn.Module):
                 f"covariance={self.covariance!r}, padding={self.padding!r}")
 
     # -- epoch loop -------------------------------------------------------------------------
-    @torch.no_grad()
     def accumulate(self, features: Tensor, labels: Tensor | None = None, *,
                    bin_index: Tensor | None = None) -> None:
         """Add this batch's uncalibrated features to the per-bin accumulators (detached).
 
         ``bin_index`` (long, shape (n,)) skips binning ``labels`` when the caller already has
         each row's bin, as the training loop does."""
-        features = self._check_features(features)
+        features = self._check_features(features).detach()  # cheaper than a no_grad context
         self._check_device(features)
         idx = self._rows_bin(features, labels, bin_index)
         n, dim = features.shape
-        # float64 features are summed as they are; lower precisions through the shifted window
-        shifted = self.covariance == "diag" and features.dtype != self.acc_sum.dtype
-        if shifted and n * (1 + 2 * dim) <= _CHUNK_ELEMENTS:
-            self._add_to_window(features, idx)
+        if self.covariance == "diag" and n * dim <= STAGE_ELEMENTS:
+            self._stage_rows(features, idx)
             return
         if n * (dim * dim if self.covariance == "full" else dim) <= _CHUNK_ELEMENTS:
             # A training batch: testing every feature is cheap, so check first and add in place.
@@ -417,9 +342,8 @@ class FDS(nn.Module):
             add_bin_moments(self.acc_count, self.acc_sum, self.acc_second, features, idx)
             return
         # Big inputs (one call per epoch, an extra pass): float64 moments into fresh tensors
-        # first, as fast here as the float32 window (each chunk is converted in one cached
-        # buffer) and exact. A NaN / inf feature shows up in the (B, D) sum of squares, a
-        # cheaper test than isfinite over all n x D, and nothing is half-added.
+        # first. A NaN / inf feature shows up in the (B, D) sum of squares, a cheaper test than
+        # isfinite over all n x D, and nothing is half-added.
         count, total, second = bin_moments(features, idx, self.bins.num_bins, self.covariance)
         if not bool(torch.isfinite(second).all()):
             raise ValueError(_NONFINITE)
@@ -427,50 +351,46 @@ class FDS(nn.Module):
         self.acc_sum += total
         self.acc_second += second
 
-    def _add_to_window(self, features: Tensor, idx: Tensor) -> None:
-        """A training batch (diag): shifted rows into the working-precision window, checked
-        for NaN / inf before anything is added; a fold every FOLD_ROWS rows."""
-        dtype, (n, dim) = window_dtype(features.dtype), features.shape
-        buf = self._buffers  # the hot path: plain dict reads, not Module.__getattr__
-        if buf["acc_window"].dtype != dtype:  # fold what the old precision holds, then switch
-            self._fold()
-            buf["acc_window"], buf["acc_shift"] = (buf["acc_window"].to(dtype),
-                                                   buf["acc_shift"].to(dtype))
-        window, shift = buf["acc_window"], buf["acc_shift"]
-        if self._window_rows == 0:  # a fresh window: shift by the best per-bin means known
-            shift.copy_(window_shift(buf["acc_count"], buf["acc_sum"], features, idx,
-                                     buf["running_mean"], buf["seen"]))
-        rows = shifted_rows(features, idx, shift, self._scratch(n, window))
-        # y^2 >= 0: its sum is inf / NaN exactly when a feature (or the shift) is
-        if not math.isfinite(rows[:, dim + 1:].sum().item()):
+    def _stage_rows(self, features: Tensor, idx: Tensor) -> None:
+        """A training batch (diag): checked for NaN / inf before anything is kept, then copied
+        with its bins into the stage, whose rows are added when it is full."""
+        if not _all_finite(features):
             raise ValueError(_NONFINITE)
-        window.index_add_(0, idx, rows)
-        self.__dict__["_window_rows"] = self._window_rows + n  # skips Module.__setattr__
-        if self._window_rows >= FOLD_ROWS:
-            self._fold()
+        stage, n = self._stage, features.shape[0]
+        if stage is None or stage.rows.dtype != features.dtype:  # a first batch or a new dtype
+            self._flush()
+            rows = STAGE_ELEMENTS // features.shape[1]
+            stage = _Stage(torch.empty(rows, features.shape[1], dtype=features.dtype,
+                                       device=features.device),
+                           torch.empty(rows, dtype=torch.long, device=features.device))
+            self.__dict__["_stage"] = stage  # the hot path: skips Module.__setattr__
+        if stage.used + n > stage.rows.shape[0]:
+            self._flush()
+        end = stage.used + n
+        stage.rows[stage.used:end].copy_(features)
+        stage.bins[stage.used:end].copy_(idx)
+        stage.used = end
 
-    def _scratch(self, n: int, like: Tensor) -> Tensor:
-        """Rows buffer for shifted_rows (column 0 holds ones) with the window's dtype, device
-        and width, kept between batches: a fresh one per batch would page-fault on every call."""
-        buf = self.__dict__.get("_rows_buffer")
-        if buf is None or buf.shape[0] < n or buf.dtype != like.dtype or buf.device != like.device:
-            buf = torch.ones(max(n, 1), like.shape[1], dtype=like.dtype, device=like.device)
-            self.__dict__["_rows_buffer"] = buf
-        return buf
+    def _flush(self) -> None:
+        """Add the stage's rows to the float64 accumulators and empty it."""
+        stage = self._stage
+        if stage is not None and stage.used:
+            add_bin_moments(self.acc_count, self.acc_sum, self.acc_second,
+                            stage.rows[:stage.used], stage.bins[:stage.used])
+            stage.used = 0
 
-    def _fold(self) -> None:
-        if self._window_rows:
-            fold_window(self.acc_count, self.acc_sum, self.acc_second, self.acc_window,
-                        self.acc_shift)
-            self._window_rows = 0
+    def _apply(self, fn, *args, **kwargs):
+        self._flush()  # staged rows belong to the accumulators before those move (.to, .cuda)
+        self._stage = None
+        return super()._apply(fn, *args, **kwargs)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self._fold()  # the saved accumulators hold every row given so far
+        self._flush()  # the saved accumulators hold every row given so far
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self.acc_window.zero_()  # rows added before the load belong to the replaced state
-        self._window_rows = 0
+        if self._stage is not None:  # rows staged before the load belong to the replaced state
+            self._stage.used = 0
         super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
@@ -478,7 +398,7 @@ class FDS(nn.Module):
         """End of epoch: reduce, estimate, EMA, smooth, freeze, reset (see module docstring).
 
         Every rank must call it (it is a collective from ``start_update`` on)."""
-        self._fold()
+        self._flush()
         if epoch >= self.start_update:
             # [1] all-reduce the additive statistics: every rank then derives the same stats
             all_reduce_sum(self.acc_count, self.acc_sum, self.acc_second)
@@ -543,8 +463,19 @@ class FDS(nn.Module):
         if calibration is None:  # no update yet
             return features
         self._check_device(features)
+        if self.covariance == "diag" and features.device.type == "cpu":
+            # One gather of [weight | bias] per row. On the CPU the gather checks its indices
+            # (IndexError), which spares a batch's own range check; a CUDA gather would assert.
+            idx = self._rows_bin(features, labels, bin_index, check_range=False)
+            try:
+                rows = calibration.index_select(0, idx)
+            except IndexError:
+                self._rows_bin(features, labels, idx)  # raises the error that names the range
+                raise
+            self._remember_checked(idx)
+            return torch.addcmul(rows[:, self.feature_dim:], features, rows[:, :self.feature_dim])
         idx = self._rows_bin(features, labels, bin_index)
-        if self.covariance == "diag":  # one gather of [weight | bias] per row
+        if self.covariance == "diag":
             rows = calibration.index_select(0, idx)
             return torch.addcmul(rows[:, self.feature_dim:], features, rows[:, :self.feature_dim])
         weight, bias = calibration
@@ -555,13 +486,15 @@ class FDS(nn.Module):
         tensor; full: the pair), or None before the first update. Converted once per change
         of the buffers (an update, load_state_dict or .to()), so a batch reads no buffer on the
         host (no device sync for ``num_updates``)."""
-        key = tuple((id(t), t._version) for t in (self.calib_weight, self.calib_bias,
-                                                  self.num_updates)) + (dtype,)
+        buf = self._buffers  # a batch's path: plain dict reads, not Module.__getattr__
+        weight, bias, updates = buf["calib_weight"], buf["calib_bias"], buf["num_updates"]
+        key = (id(weight), weight._version, id(bias), bias._version, id(updates),
+               updates._version, dtype)
         cached = self.__dict__.get("_calibration_cache")
         if cached is None or cached[0] != key:
-            weight, bias = self.calib_weight.to(dtype), self.calib_bias.to(dtype)
+            weight, bias = weight.to(dtype), bias.to(dtype)
             value = torch.cat([weight, bias], 1) if self.covariance == "diag" else (weight, bias)
-            cached = (key, value if int(self.num_updates) > 0 else None)
+            cached = (key, value if int(updates) > 0 else None)
             self.__dict__["_calibration_cache"] = cached
         return cached[1]
 
@@ -622,13 +555,14 @@ class FDS(nn.Module):
         return features
 
     def _check_device(self, features: Tensor) -> None:
-        if features.device != self.acc_sum.device:
+        if features.device != self._buffers["acc_sum"].device:
             raise ValueError(
                 f"'features' are on {features.device} but the FDS buffers are on "
                 f"{self.acc_sum.device}; move the layer with fds.to(features.device)."
             )
 
-    def _rows_bin(self, features: Tensor, labels: Tensor | None, bin_index: Tensor | None) -> Tensor:
+    def _rows_bin(self, features: Tensor, labels: Tensor | None, bin_index: Tensor | None,
+                  check_range: bool = True) -> Tensor:
         if bin_index is None:
             if labels is None:
                 raise ValueError("FDS needs each row's bin: pass 'labels' (or 'bin_index').")
@@ -644,14 +578,20 @@ class FDS(nn.Module):
         checked = self.__dict__.get("_checked_bin_index")
         if checked is not None and checked[0]() is bin_index and checked[1] == bin_index._version:
             return bin_index  # the same batch's bins, checked by forward() or accumulate()
+        if not check_range:
+            return bin_index
         if n:
             lo, hi = (int(v) for v in torch.aminmax(bin_index))
             if lo < 0 or hi >= num_bins:
                 raise ValueError(f"'bin_index' should lie in [0, {num_bins - 1}] (the FDS bins); "
                                  f"got values from {lo} to {hi}. Bin the labels with the same "
                                  f"Bins as the FDS layer.")
-        self.__dict__["_checked_bin_index"] = (weakref.ref(bin_index), bin_index._version)
+        self._remember_checked(bin_index)
         return bin_index
+
+    def _remember_checked(self, bin_index: Tensor) -> None:
+        """The next call with this very tensor (unchanged) skips its range check."""
+        self.__dict__["_checked_bin_index"] = (weakref.ref(bin_index), bin_index._version)
 
     def _bin_index(self, labels: Tensor, features: Tensor) -> Tensor:
         if not isinstance(labels, Tensor):
@@ -665,6 +605,23 @@ class FDS(nn.Module):
 
 _NONFINITE = ("'features' hold NaN or inf; expected finite values (they would poison the "
               "running statistics of their bins).")
+
+
+class _Stage:
+    """Rows (n, D) in the features' dtype and their bins, of which the first ``used`` hold
+    training rows not yet in the accumulators."""
+
+    __slots__ = ("rows", "bins", "used")
+
+    def __init__(self, rows: Tensor, bins: Tensor):
+        self.rows, self.bins, self.used = rows, bins, 0
+
+
+def _all_finite(features: Tensor) -> bool:
+    """Whether every entry of ``features`` is finite: one sum (NaN / inf make it non-finite),
+    in float32 at least, so that only a sum that overflows takes the element-wise test."""
+    total = features.sum(dtype=torch.promote_types(features.dtype, torch.float32))
+    return math.isfinite(total.item()) or bool(torch.isfinite(features).all())
 
 
 def _expand(mask: Tensor, like: Tensor) -> Tensor:
