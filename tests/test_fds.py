@@ -476,6 +476,13 @@ def test_bad_bin_index_names_the_parameter():
     with pytest.raises(ValueError, match=rf"'bin_index'.*\[0, {NUM_BINS - 1}\].*to {NUM_BINS}"):
         fds.accumulate(z, bin_index=bad)
     assert fds.acc_count.sum() == 0
+    # forward() calibrating: the gather's own index check, then the same message
+    _one_epoch(fds, z, y, 0, calibrate=False)
+    assert fds(z, y, 1, bin_index=idx) is not z
+    for wrong in (NUM_BINS, -1):
+        bad[5] = wrong
+        with pytest.raises(ValueError, match=rf"'bin_index'.*\[0, {NUM_BINS - 1}\]"):
+            fds(z, y, 1, bin_index=bad.clone())
 
 
 @pytest.mark.parametrize("chunk", [None, 7])
