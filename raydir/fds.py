@@ -80,13 +80,15 @@ MIN_COUNT = 2  # samples a bin needs in one epoch for an unbiased variance
 # bins or labels.
 _CHUNK_ELEMENTS = 1 << 20
 # Elements of the float64 scratch buffer in which the diag path of add_bin_moments() converts
-# and squares each chunk (1 MB), allocated once per call so that it stays in the core's cache
-# between its passes: fresh chunk-sized temporaries would page-fault on every chunk (2-4x the
-# whole update), and a buffer larger than the cache goes to memory on every pass. One call over
-# 100k x 512 float32 features on this project's machine (4 MiB L2 per core), in x the time of
-# `features.sum(0)`: 2.94x with 8 MB, 2.13x with 1 MB, 2.15x with 512 KB, 3.04x with 128 KB
-# (the per-chunk calls start to show).
-_SCRATCH_ELEMENTS = 1 << 17
+# and squares each chunk (2 MB), allocated once per call so that it stays in cache between its
+# passes: fresh chunk-sized temporaries would page-fault on every chunk (2-4x the whole update),
+# and a buffer much larger than the cache goes to memory on every pass, while a small one pays
+# four calls per chunk. One call over 100k x 512 float32 features, in x the time of
+# `features.sum(0)`: on a machine with 4 MiB L2 per core, 2.94x with 8 MB, 2.13x with 1 MB,
+# 2.15x with 512 KB, 3.04x with 128 KB; on this project's CI-like machine (1 MiB L2 per core,
+# 32 MiB L3; 9 interleaved rounds), 1.66x with 1 MB, 1.44x with 2 MB, 1.41x with 4 MB, 1.53x
+# with 8 MB.
+_SCRATCH_ELEMENTS = 1 << 18
 
 # Elements (rows x D) of the stage into which accumulate() copies training batches (diag) before
 # adding many of them at once to the float64 accumulators: 4 MB of float32 (16k rows of 64
