@@ -11,6 +11,10 @@ validation), so that what it shows is the effect of the processes' torch threads
                                     gradient_as_bucket_view=True`` (``ONE_BUCKET``): one
                                     all-reduce after the backward pass instead of several
                                     overlapping it;
+* ``2 DDP, one bucket, shared-memory all-reduce`` the same, the bucket averaged through
+                                    ``/dev/shm`` (``raydir.distributed.use_shared_memory_allreduce``,
+                                    what raydir's CPU workers on one machine use) instead of
+                                    gloo's TCP loopback;
 * ``2 DDP processes, torch default`` torch's default intra-op threads (one per core) in each:
                                     the oversubscribed case.
 
@@ -59,7 +63,13 @@ def train_steps(args, rank: int, world: int, threads: int | None, out: str | Non
         width = h
     model = torch.nn.Sequential(*layers, torch.nn.Linear(width, 1))
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, **(ddp_kwargs or {}))
+        options = dict(ddp_kwargs or {})
+        shm = options.pop("shared_memory", False)
+        model = torch.nn.parallel.DistributedDataParallel(model, **options)
+        if shm:
+            from raydir.distributed import use_shared_memory_allreduce
+
+            assert use_shared_memory_allreduce(model), "the shared-memory all-reduce does not apply"
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(args.rows // world, args.features, generator=g)
@@ -123,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"1 process, 1 thread": (1, 1, None),
                 "2 DDP processes, 1 thread each": (2, 1, None),
                 "2 DDP, 1 thread each, one bucket": (2, 1, ONE_BUCKET),
+                "2 DDP, one bucket, shared-memory all-reduce": (2, 1, {**ONE_BUCKET, "shared_memory": True}),
                 "2 DDP processes, torch default threads": (2, None, None)}
     load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {k: [] for k in variants}

@@ -219,6 +219,7 @@ class TrainConfig:
     select_metric: str = "mae"       # best checkpoint by val: mae | mse | few_mae
     max_failures: int = 2            # worker failures tolerated (resume from last checkpoint)
     materialize: str = "auto"        # training split in memory: auto (when it fits) | always | never
+    allreduce: str = "auto"          # CPU gradients: auto (shared memory when every worker is on one machine) | gloo
     storage_path: str = ""           # checkpoints / results; empty = ~/ray_results
     seed: int = 0                    # model init, shuffling, augmentation
 
@@ -420,6 +421,7 @@ class Config:
         _choice("train.optimizer", self.train.optimizer, ("adam", "sgd"))
         _choice("train.schedule", self.train.schedule, ("none", "cosine", "step"))
         _choice("train.materialize", self.train.materialize, ("auto", "always", "never"))
+        _choice("train.allreduce", self.train.allreduce, ("auto", "gloo"))
         _choice("train.select_metric", self.train.select_metric, ("mae", "mse", "few_mae"))
         if self.train.grad_clip < 0:
             raise ValueError(f"'train.grad_clip' should be >= 0 (0 = off); got {self.train.grad_clip}.")

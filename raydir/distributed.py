@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 import warnings
 
 import torch
@@ -118,3 +120,163 @@ def gather_nograd(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tens
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([part[:s] for part, s in zip(parts, sizes)])
+
+
+# -- gradient all-reduce through shared memory (CPU workers on one machine) ---------------------
+SHM_DIR = "/dev/shm"
+# How long a rank waits for the others to publish a bucket before it gives up (gloo's default
+# collective timeout), and how often it checks that they are still alive meanwhile.
+SHM_TIMEOUT_S = 1800.0
+SHM_LIVENESS_S = 1.0
+
+
+class SharedMemoryAllReduce:
+    """DDP communication hook state: float32 gradient buckets averaged through a file in
+    ``/dev/shm`` that every rank maps, instead of gloo's TCP loopback.
+
+    Per bucket each rank writes grad / world into its slot, raises its sequence flag, waits
+    until every flag has reached it, and sums the slots in rank order into its bucket: every
+    rank computes the same sum in the same order, so the parameters stay identical across
+    ranks (with two ranks, bitwise what gloo's all-reduce gives). Slots alternate between two
+    halves by bucket sequence, so a rank never overwrites a slot that another rank may still
+    read (to publish bucket k + 2, it has seen every rank publish bucket k + 1, which each did
+    after reading bucket k). Buckets of another dtype go through gloo.
+
+    Why: two CPU workers of one machine spent ~8 ms of a 28 ms step in gloo's all-reduce of a
+    4.3 MB gradient (MLP [1024, 1024]), against ~1-2 ms here (``benchmarks/bench_ddp_scaling``).
+    The flag protocol relies on x86's ordering of stores (data before flag) and of loads, so
+    :func:`shared_memory_allreduce_applies` offers it on x86-64 only.
+    """
+
+    def __init__(self, numel: int, group=None):
+        import uuid
+
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        names = [f"{SHM_DIR}/raydir-ddp-{uuid.uuid4().hex}" if self.rank == 0 else None]
+        dist.broadcast_object_list(names, src=0, group=group)
+        pids = [None] * self.world
+        dist.all_gather_object(pids, os.getpid(), group=group)
+        self.peers = [p for r, p in enumerate(pids) if r != self.rank]
+        self.data = torch.from_file(names[0] + ".data", shared=True, size=2 * self.world * numel,
+                                    dtype=torch.float32).view(2, self.world, numel)
+        self.flags = torch.from_file(names[0] + ".flags", shared=True, size=self.world,
+                                     dtype=torch.int64)
+        self.flags[self.rank] = -1 - self.rank  # a handshake: does every rank see the others?
+        dist.barrier(group=group)  # every rank has mapped both files: their names can go
+        if self.rank == 0:
+            for suffix in (".data", ".flags"):
+                os.unlink(names[0] + suffix)
+        seen = self.flags.tolist() == [-1 - r for r in range(self.world)]
+        every = [None] * self.world
+        dist.all_gather_object(every, seen, group=group)
+        self.shared = all(every)
+        self.flags[self.rank] = 0
+        dist.barrier(group=group)
+        self.seq = 0
+
+    def wait(self, seq: int) -> None:
+        """Until every rank has published bucket ``seq``; raises if one died or timed out."""
+        start = last_check = time.monotonic()
+        spins = 0
+        while int(self.flags.min()) < seq:
+            spins += 1
+            if spins < 200:
+                os.sched_yield()
+                continue
+            time.sleep(5e-5)
+            now = time.monotonic()
+            if now - last_check > SHM_LIVENESS_S:
+                last_check = now
+                _check_alive(self.peers)
+                if now - start > SHM_TIMEOUT_S:
+                    missing = [r for r in range(self.world) if int(self.flags[r]) < seq]
+                    raise RuntimeError(f"gradient all-reduce: ranks {missing} did not publish "
+                                       f"bucket {seq} within {SHM_TIMEOUT_S:.0f} s")
+
+
+def shared_memory_hook(state: SharedMemoryAllReduce, bucket):
+    """DDP comm hook (``model.register_comm_hook(state, shared_memory_hook)``): a completed
+    ``torch.futures.Future`` of the averaged bucket. (No return annotation: DDP checks it
+    against the class itself, which a postponed annotation is not.)"""
+    buf = bucket.buffer()
+    n = buf.numel()
+    if buf.dtype != torch.float32 or n > state.data.shape[2]:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        return allreduce_hook(state.group, bucket)
+    state.seq += 1
+    half = state.data[state.seq % 2]
+    torch.div(buf, state.world, out=half[state.rank, :n])  # DDP's default: average, then sum
+    state.flags[state.rank] = state.seq
+    state.wait(state.seq)
+    torch.sum(half[:, :n], dim=0, out=buf)
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(buf)
+    return fut
+
+
+def shared_memory_allreduce_applies(numel: int, group=None) -> bool:
+    """Whether every rank of ``group`` (gloo, more than one) is a process of this machine on
+    x86-64 with room in ``/dev/shm`` for the hook's 2 x world x ``numel`` floats; the same
+    answer on every rank (a collective)."""
+    import platform
+    import socket
+
+    if not dist.is_initialized() or dist.get_world_size(group) < 2 \
+            or dist.get_backend(group) != "gloo":
+        return False
+    try:
+        free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
+    except OSError:
+        free = 0
+    need = 2 * dist.get_world_size(group) * numel * 4
+    # one machine, one /dev/shm (mount namespace) and one process-id space (the liveness check)
+    place = (socket.gethostname(), _read("/proc/sys/kernel/random/boot_id"),
+             _link("/proc/self/ns/mnt"), _link("/proc/self/ns/pid"))
+    here = (place, platform.machine() in ("x86_64", "AMD64") and free >= 2 * need)
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, here, group=group)
+    return all(ok for _, ok in every) and len({p for p, _ in every}) == 1
+
+
+def use_shared_memory_allreduce(model: torch.nn.Module, group=None) -> bool:
+    """Register :func:`shared_memory_hook` on a CPU ``DistributedDataParallel`` model when
+    :func:`shared_memory_allreduce_applies`; returns whether it did (same on every rank)."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return False
+    numel = sum(p.numel() for p in model.parameters()
+                if p.requires_grad and p.dtype == torch.float32 and p.device.type == "cpu")
+    if numel == 0 or not shared_memory_allreduce_applies(numel, group):
+        return False
+    state = SharedMemoryAllReduce(numel, group)
+    if not state.shared:
+        return False
+    model.register_comm_hook(state, shared_memory_hook)
+    return True
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def _check_alive(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            raise RuntimeError(f"gradient all-reduce: the worker process {pid} of another rank "
+                               f"has exited") from None
+        except PermissionError:
+            pass  # alive, another user's

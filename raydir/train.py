@@ -64,6 +64,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from raydir.distributed import use_shared_memory_allreduce
     from raydir.perf import ddp_options, set_worker_threads
 
     _quiet_report_log()
@@ -74,8 +75,11 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     def wrap(core):  # [2] prepare model. FDS buffers are not broadcast by DDP: they are all-reduced.
-        return ray.train.torch.prepare_model(core, parallel_strategy_kwargs={
+        model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={
             "broadcast_buffers": False, **ddp_options(cfg.train.use_gpu)})
+        if not cfg.train.use_gpu and cfg.train.allreduce == "auto":
+            use_shared_memory_allreduce(model)  # CPU workers of one machine: through /dev/shm
+        return model
 
     parts = loop.build_parts(cfg, info, bin_weights=config["bin_weights"],
                              train_counts=config.get("train_counts"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -139,3 +141,78 @@ if __name__ == "__main__":
 ''')
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "4"]
+
+
+def test_shared_memory_allreduce_trains_to_the_same_parameters(tmp_path):
+    """Two CPU workers of one machine average gradients through /dev/shm
+    (raydir.distributed.use_shared_memory_allreduce): bitwise the parameters of gloo's
+    all-reduce, with one bucket, with many small buckets (the slots alternate) and with a
+    float64 bucket beside the float32 ones (that one goes through gloo); both ranks end equal
+    and no file is left in /dev/shm."""
+    script = tmp_path / "shm.py"
+    script.write_text('''
+import glob, json, tempfile, torch, torch.distributed as dist, torch.multiprocessing as mp
+from raydir.distributed import use_shared_memory_allreduce
+from raydir.perf import ddp_options
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+        self.scale = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+    def forward(self, x):
+        return self.body(x) * self.scale.float()
+
+def train(options, shm):
+    torch.manual_seed(0)
+    model = Net()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False, **options)
+    used = use_shared_memory_allreduce(ddp) if shm else None
+    opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    for _ in range(6):
+        x, y = torch.randn(16, 8, generator=g), torch.randn(16, 1, generator=g)
+        loss = torch.nn.functional.mse_loss(ddp(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ddp.parameters(), 0.5)
+        opt.step()
+    return used, [p.detach().clone() for p in model.parameters()]
+
+def run(rank, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    small = {"bucket_cap_mb": 0.0005}
+    runs = [train(ddp_options(False), False), train(ddp_options(False), True),
+            train(small, False), train(small, True)]
+    torch.save(runs, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    before = set(glob.glob("/dev/shm/raydir-ddp-*"))
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(run, args=(f"{tmp}/store", f"{tmp}/p.pt"), nprocs=2, join=True)
+        r0, r1 = torch.load(f"{tmp}/p.pt.0"), torch.load(f"{tmp}/p.pt.1")
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))
+    print(json.dumps({"used": [u for u, _ in r0], "one_bucket_equal": same(r0[0][1], r0[1][1]),
+                      "small_buckets_equal": same(r0[2][1], r0[3][1]),
+                      "ranks_equal": all(same(a[1], b[1]) for a, b in zip(r0, r1)),
+                      "no_file_left": set(glob.glob("/dev/shm/raydir-ddp-*")) == before}))
+''')
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {
+        "used": [None, True, None, True], "one_bucket_equal": True, "small_buckets_equal": True,
+        "ranks_equal": True, "no_file_left": True}
+
+
+def test_shared_memory_allreduce_notices_a_dead_rank():
+    """A rank waiting for the others' gradients fails with a clear error once another rank's
+    process has exited (Ray Train then restarts the group), instead of waiting forever."""
+    from raydir.distributed import _check_alive
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _check_alive([os.getpid()])  # alive: nothing
+    with pytest.raises(RuntimeError, match=rf"worker process {dead.pid} of another rank has exited"):
+        _check_alive([dead.pid])
