@@ -96,60 +96,20 @@ def test_preemption_watcher_is_off_on_a_one_machine_ray(ray_session, monkeypatch
     assert get_env_vars_to_propagate()[PREEMPTION_WATCHER] == "1"
 
 
-def test_ddp_options_on_cpu_train_to_the_same_parameters(tmp_path):
+def test_cpu_ddp_options_and_shared_memory_allreduce_train_to_the_same_parameters(tmp_path):
     """CPU workers wrap the model with one gradient bucket and gradients as bucket views
-    (faster on few cores, see raydir.perf.ddp_options); GPU workers keep DDP's defaults. Two
-    gloo processes reach bitwise the same parameters either way (Adam, clipping,
-    zero_grad(set_to_none=True), as the training loop steps)."""
+    (faster on few cores, see raydir.perf.ddp_options); GPU workers keep DDP's defaults. CPU
+    workers of one machine then average the buckets through /dev/shm
+    (raydir.distributed.use_shared_memory_allreduce). Two gloo processes reach bitwise the same
+    parameters every way (Adam, clipping, zero_grad(set_to_none=True), as the training loop
+    steps): DDP's defaults, the CPU options, the CPU options through shared memory, and many
+    small buckets with and without it (the shared slots alternate); a float64 bucket beside the
+    float32 ones goes through gloo. Both ranks end equal and no file is left in /dev/shm."""
     from raydir.perf import ddp_options
 
     assert ddp_options(True) == {}
     assert ddp_options(False) == {"bucket_cap_mb": 1024, "gradient_as_bucket_view": True}
     script = tmp_path / "ddp.py"
-    script.write_text('''
-import tempfile, torch, torch.distributed as dist, torch.multiprocessing as mp
-from raydir.perf import ddp_options
-
-def train(options):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
-    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False, **options)
-    opt = torch.optim.Adam(ddp.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(dist.get_rank())
-    for _ in range(5):
-        x, y = torch.randn(16, 8, generator=g), torch.randn(16, 1, generator=g)
-        loss = torch.nn.functional.mse_loss(ddp(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ddp.parameters(), 0.5)
-        opt.step()
-    return [p.detach().clone() for p in model.parameters()]
-
-def run(rank, store, out):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    params = [train({}), train(ddp_options(False))]
-    if rank == 0:
-        torch.save(params, out)
-    dist.destroy_process_group()
-
-if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(run, args=(f"{tmp}/store", f"{tmp}/p.pt"), nprocs=2, join=True)
-        default, options = torch.load(f"{tmp}/p.pt")
-    print(all(torch.equal(a, b) for a, b in zip(default, options)), len(default))
-''')
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["True", "4"]
-
-
-def test_shared_memory_allreduce_trains_to_the_same_parameters(tmp_path):
-    """Two CPU workers of one machine average gradients through /dev/shm
-    (raydir.distributed.use_shared_memory_allreduce): bitwise the parameters of gloo's
-    all-reduce, with one bucket, with many small buckets (the slots alternate) and with a
-    float64 bucket beside the float32 ones (that one goes through gloo); both ranks end equal
-    and no file is left in /dev/shm."""
-    script = tmp_path / "shm.py"
     script.write_text('''
 import glob, json, tempfile, torch, torch.distributed as dist, torch.multiprocessing as mp
 from raydir.distributed import use_shared_memory_allreduce
@@ -163,7 +123,7 @@ class Net(torch.nn.Module):
     def forward(self, x):
         return self.body(x) * self.scale.float()
 
-def train(options, shm):
+def train(options, shm=False):
     torch.manual_seed(0)
     model = Net()
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False, **options)
@@ -183,8 +143,8 @@ def run(rank, store, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     small = {"bucket_cap_mb": 0.0005}
-    runs = [train(ddp_options(False), False), train(ddp_options(False), True),
-            train(small, False), train(small, True)]
+    runs = [train({}), train(ddp_options(False)), train(ddp_options(False), True),
+            train(small), train(small, True)]
     torch.save(runs, f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -194,15 +154,15 @@ if __name__ == "__main__":
         mp.spawn(run, args=(f"{tmp}/store", f"{tmp}/p.pt"), nprocs=2, join=True)
         r0, r1 = torch.load(f"{tmp}/p.pt.0"), torch.load(f"{tmp}/p.pt.1")
     same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a, b))
-    print(json.dumps({"used": [u for u, _ in r0], "one_bucket_equal": same(r0[0][1], r0[1][1]),
-                      "small_buckets_equal": same(r0[2][1], r0[3][1]),
+    print(json.dumps({"used": [u for u, _ in r0],
+                      "equal_to_defaults": [same(r0[0][1], r[1]) for r in r0],
                       "ranks_equal": all(same(a[1], b[1]) for a, b in zip(r0, r1)),
                       "no_file_left": set(glob.glob("/dev/shm/raydir-ddp-*")) == before}))
 ''')
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {
-        "used": [None, True, None, True], "one_bucket_equal": True, "small_buckets_equal": True,
+        "used": [None, None, True, None, True], "equal_to_defaults": [True] * 5,
         "ranks_equal": True, "no_file_left": True}
 
 
