@@ -465,10 +465,11 @@ class FDS(nn.Module):
         if calibration is None:  # no update yet
             return features
         self._check_device(features)
-        if self.covariance == "diag" and features.device.type == "cpu":
+        if self.covariance == "diag":
             # One gather of [weight | bias] per row. On the CPU the gather checks its indices
             # (IndexError), which spares a batch's own range check; a CUDA gather would assert.
-            idx = self._rows_bin(features, labels, bin_index, check_range=False)
+            on_cpu = features.device.type == "cpu"
+            idx = self._rows_bin(features, labels, bin_index, check_range=not on_cpu)
             try:
                 rows = calibration.index_select(0, idx)
             except IndexError:
@@ -477,9 +478,6 @@ class FDS(nn.Module):
             self._remember_checked(idx)
             return torch.addcmul(rows[:, self.feature_dim:], features, rows[:, :self.feature_dim])
         idx = self._rows_bin(features, labels, bin_index)
-        if self.covariance == "diag":
-            rows = calibration.index_select(0, idx)
-            return torch.addcmul(rows[:, self.feature_dim:], features, rows[:, :self.feature_dim])
         weight, bias = calibration
         return self._calibrate_full(features, idx, bias.index_select(0, idx), weight)
 
