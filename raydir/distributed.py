@@ -227,7 +227,8 @@ def shared_memory_allreduce_applies(numel: int, group=None) -> bool:
             or dist.get_backend(group) != "gloo":
         return False
     try:
-        free = os.statvfs(SHM_DIR).f_bavail * os.statvfs(SHM_DIR).f_frsize
+        fs = os.statvfs(SHM_DIR)
+        free = fs.f_bavail * fs.f_frsize
     except OSError:
         free = 0
     need = 2 * dist.get_world_size(group) * numel * 4
