@@ -35,6 +35,7 @@ def test_yaml_and_overrides(tmp_path):
     ({"reweight": {"lds": True}}, "Set reweight.scheme to inverse or sqrt_inv"),
     ({"loss": {"name": "l3"}}, "'loss.name' should be one of"),
     ({"train": {"epochs": 1.5}}, "'train.epochs' should be an integer"),
+    ({"train": {"allreduce": "nccl"}}, "'train.allreduce' should be one of"),
     ({"fds": {"enabled": "yes"}}, "'fds.enabled' should be true or false"),
     ({"fds": {"momentum": 1.0}}, "'fds.momentum' should be in [0, 1)"),
     ({"data": {"source": "sts-b-dir"}}, "'data.path' is required"),

@@ -176,3 +176,14 @@ def test_shared_memory_allreduce_notices_a_dead_rank():
     _check_alive([os.getpid()])  # alive: nothing
     with pytest.raises(RuntimeError, match=rf"worker process {dead.pid} of another rank has exited"):
         _check_alive([dead.pid])
+
+
+def test_shared_memory_allreduce_needs_a_ddp_model_of_several_ranks():
+    """A model that is not wrapped by DDP (one worker) or a process without a process group
+    keeps DDP's own path: nothing is registered, nothing is mapped."""
+    import torch
+
+    from raydir.distributed import shared_memory_allreduce_applies, use_shared_memory_allreduce
+
+    assert use_shared_memory_allreduce(torch.nn.Linear(2, 1)) is False
+    assert shared_memory_allreduce_applies(3) is False
