@@ -22,8 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raydir.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="jobs/configs/demo.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's and MLflow's logs")
     args = parser.parse_args(argv)
 
+    from raydir.runtime import quiet_console
+
+    quiet_console(verbose=args.verbose)  # the console shows raydir's progress, as `raydir train`'s
     from raydir.report import format_shot_table
     from raydir.tracking import resolve_tracking_uri
     from raydir.train import run_training

@@ -535,3 +535,21 @@ def test_table_mistakes_are_one_line(tmp_path, ray_session, data_of, words, caps
     assert last.startswith("raydir: error: ")
     for word in words:
         assert word in last, (word, last)
+
+
+def test_make_demo_quiets_ray_and_mlflow_like_the_cli(tmp_path):
+    """`make demo` (python -m raydir.demo) sets up the console as `raydir train` does, before
+    anything is imported or run: MLflow's INFO lines and artifact progress bars, Ray's INFO
+    lines and notices stay off unless --verbose."""
+    code = ("import os, sys; from raydir import demo\n"
+            "try:\n    demo.main(sys.argv[1:])\nexcept Exception:\n    pass\n"
+            "print(os.environ.get('MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR'), "
+            "os.environ.get('MLFLOW_LOGGING_LEVEL'))")
+    missing = str(tmp_path / "absent.yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    quiet = subprocess.run([sys.executable, "-c", code, "--config", missing], env=env,
+                           capture_output=True, text=True, timeout=120)
+    loud = subprocess.run([sys.executable, "-c", code, "--config", missing, "--verbose"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert quiet.stdout.split() == ["false", "ERROR"], quiet.stderr
+    assert loud.stdout.split() == ["None", "None"], loud.stderr
