@@ -136,6 +136,18 @@ def test_alias_decision():
     assert "other validation data" in alias_decision(0.1, holder, metric="mae", data_key="j", mode="min")[1]
 
 
+@pytest.mark.parametrize("scheduler, reused", [("none", True), ("asha", False)])
+def test_trial_processes_are_reused_only_where_no_trial_is_stopped(tmp_path, scheduler, reused):
+    """Tune's ``reuse_actors`` as the sweep's Tuner gets it (no Ray needed to build one); the
+    ASHA sweep below checks Tune's record of the processes, and `raydir bench` (no scheduler)
+    runs its resumed trials in a reused process."""
+    from raydir.tune import _tuner
+
+    cfg = small_config(tmp_path, tune={"scheduler": scheduler})
+    tuner = _tuner(cfg, lambda _c: None, "s", str(tmp_path), False, "min", 1, None)
+    assert tuner._local_tuner._tune_config.reuse_actors is reused
+
+
 # -- real sweeps -----------------------------------------------------------------------------
 
 
@@ -270,6 +282,7 @@ def test_asha_stops_trials_that_cannot_learn(tmp_path, ray_session):
                              "max_concurrent_trials": 1, "log_models": False},
                        train={"epochs": 3})
     out = run_sweep(cfg, log=lambda _m: None)
+    assert _trial_pids(out["experiment_path"]) == 2  # a stopped trial's process is not reused
     by_lr = {r["train.lr"]: r for r in out["trials"]}
     assert by_lr[0.05]["status"] == "completed" and by_lr[0.05]["epochs_done"] == 3
     assert by_lr[1e-9]["status"] == "stopped_early" and by_lr[1e-9]["epochs_done"] < 3
@@ -293,6 +306,14 @@ def test_asha_stops_trials_that_cannot_learn(tmp_path, ray_session):
     while _live_placement_groups(ray_session) and time.monotonic() < deadline:
         time.sleep(1)
     assert _live_placement_groups(ray_session) == []
+
+
+def _trial_pids(experiment_path: str) -> int:
+    """How many processes ran the experiment's trials (the pid Tune records with each result)."""
+    from ray.tune import ExperimentAnalysis
+
+    frames = ExperimentAnalysis(experiment_path).trial_dataframes.values()
+    return len({int(pid) for df in frames for pid in df["pid"]})
 
 
 def _live_placement_groups(ray):

@@ -276,7 +276,8 @@ def run_bench(plan: dict, out_dir: str | Path, *, log: Callable[[str], Any] = pr
 
     from raydir import tracking
     from raydir.runtime import connect_ray
-    from raydir.tune import DATA_CPU, TRIAL_DRIVER_CPU, check_resources, storage_root, trial_resources
+    from raydir.tune import (DATA_CPU, TRIAL_DRIVER_CPU, check_resources, reuse_trial_processes,
+                             storage_root, trial_resources)
 
     started = time.perf_counter()
     base: Config = plan["base"]
@@ -312,7 +313,9 @@ def run_bench(plan: dict, out_dir: str | Path, *, log: Callable[[str], Any] = pr
     else:
         tuner = tune.Tuner(trainable, param_space={"method": tune.grid_search(plan["methods"]),
                                                    "seed": tune.grid_search(plan["seeds"])},
-                           tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+                           # no scheduler stops a bench trial early: each process runs the next
+                           tune_config=tune.TuneConfig(max_concurrent_trials=concurrency,
+                                                       reuse_actors=reuse_trial_processes("none")),
                            run_config=run_config)
     records = sorted(trial_records(tuner.fit()),
                      key=lambda r: (plan["methods"].index(r["method"]), r["seed"]))
