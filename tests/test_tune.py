@@ -282,7 +282,7 @@ def test_asha_stops_trials_that_cannot_learn(tmp_path, ray_session):
                              "max_concurrent_trials": 1, "log_models": False},
                        train={"epochs": 3})
     out = run_sweep(cfg, log=lambda _m: None)
-    assert _trial_pids(out["experiment_path"]) == 2  # a stopped trial's process is not reused
+    assert _trial_pids(out["experiment_path"]) == 2  # under ASHA no trial process is reused
     by_lr = {r["train.lr"]: r for r in out["trials"]}
     assert by_lr[0.05]["status"] == "completed" and by_lr[0.05]["epochs_done"] == 3
     assert by_lr[1e-9]["status"] == "stopped_early" and by_lr[1e-9]["epochs_done"] < 3
